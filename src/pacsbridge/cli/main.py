@@ -1,0 +1,29 @@
+"""Entry point of the `pacsbridge` command."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# Importing a command module registers its commands on `app`.
+from pacsbridge.cli import (  # noqa: F401
+    connections_cmd,
+    demo_cmd,
+    echo_cmd,
+    store_cmd,
+    test_images_cmd,
+    worklist_cmd,
+)
+from pacsbridge.cli.app import app
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("PACSBRIDGE_LOG_LEVEL", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Connection settings for a PACS/VNA (storage SCP) or a Modality Worklist SCP.
+
+`ConnectionSettings` holds every field an admin sets; `validate_settings` checks
+them all at once and returns the problems it found, each naming the field, the
+value and the fix. Nothing is stored until `ValidationReport.ok` is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import re
+import zoneinfo
+from dataclasses import dataclass, field
+
+from pacsbridge.connections.aetitle import check_ae_title
+from pacsbridge.connections.certificates import check_scp_certificate_pem
+from pacsbridge.connections.charset import check_character_set
+from pacsbridge.connections.problems import Problem, ValidationReport
+
+DEFAULT_TIMEOUT_SECONDS = 300.0
+MAX_TIMEOUT_SECONDS = 86_400.0
+DEFAULT_CHARACTER_SET = "ISO_IR 100"
+
+
+class ConnectionKind(enum.StrEnum):
+    PACS = "pacs"
+    MWL = "mwl"
+
+
+class TlsMode(enum.StrEnum):
+    INACTIVE = "inactive"
+    ACTIVE = "active"
+    ENCRYPTION_ONLY = "encryption-only"
+
+
+class ScuAuthentication(enum.StrEnum):
+    ANONYMOUS = "anonymous"
+    CLIENT_CERTIFICATE = "client-certificate"
+
+
+class Compression(enum.StrEnum):
+    AS_RECEIVED = "as-received"
+    NONE = "none"
+    JPEG_LOSSLESS = "jpeg-lossless"
+    JPEG_BASELINE = "jpeg-baseline"
+
+
+class MonochromeMode(enum.StrEnum):
+    NEVER = "never"
+    B_MODE_ONLY = "b-mode-only"
+
+
+@dataclass
+class ConnectionSettings:
+    """Every field of one connection, as the admin entered it."""
+
+    name: str
+    kind: ConnectionKind
+    host: str
+    port: int
+    calling_ae_title: str
+    called_ae_title: str
+    timezone: str = "UTC"
+    character_set: str = DEFAULT_CHARACTER_SET
+    tls_mode: TlsMode = TlsMode.INACTIVE
+    # PEM text of the SCP certificate (or chain) the admin uploaded.
+    scp_certificate_pem: str | None = None
+    # SHA-256 of the SCP certificate confirmed in encryption-only mode, hex.
+    pinned_fingerprint: str | None = None
+    scu_authentication: ScuAuthentication = ScuAuthentication.ANONYMOUS
+    image_compression: Compression = Compression.AS_RECEIVED
+    loop_compression: Compression = Compression.AS_RECEIVED
+    monochrome: MonochromeMode = MonochromeMode.NEVER
+    acse_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    dimse_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    connection_timeout: float = DEFAULT_TIMEOUT_SECONDS
+    # True for endpoints that may receive test data only.
+    test_only: bool = False
+    worklist_filters: dict[str, object] = field(default_factory=dict)
+
+    def replace(self, **changes: object) -> ConnectionSettings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_secured(self) -> bool:
+        return self.tls_mode != TlsMode.INACTIVE
+
+
+# RFC 1123 host name: labels of letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_host(host: str) -> list[Problem]:
+    """Check that `host` is an IPv4/IPv6 address or an RFC 1123 host name."""
+    if not host or not host.strip():
+        return [Problem.error("host", host, "is empty", "Enter the host name or IP address of the SCP.")]
+    if host != host.strip():
+        return [Problem.error("host", host, "has leading or trailing spaces", "Remove the spaces.")]
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return []
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return [
+            Problem.error(
+                "host",
+                host,
+                "is neither an IP address nor a valid host name",
+                "Use an IPv4 or IPv6 address, or a host name made of letters, digits, hyphens and dots.",
+            )
+        ]
+    return []
+
+
+def check_port(port: object) -> list[Problem]:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        return [
+            Problem.error(
+                "port",
+                port,
+                "is not a TCP port",
+                "Use a whole number from 1 to 65535 (104 and 11112 are common for DICOM, 2762 for DICOM-TLS).",
+            )
+        ]
+    return []
+
+
+def check_timezone(name: str) -> list[Problem]:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        return [
+            Problem.error(
+                "timezone",
+                name,
+                "is not an IANA time zone",
+                "Use a name such as Europe/Berlin, America/New_York or UTC.",
+            )
+        ]
+    return []
+
+
+def check_timeout(field_name: str, value: object) -> list[Problem]:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= MAX_TIMEOUT_SECONDS
+    ):
+        return [
+            Problem.error(
+                field_name,
+                value,
+                "is not a valid timeout",
+                f"Use a number of seconds greater than 0 and at most {MAX_TIMEOUT_SECONDS:.0f}; "
+                f"the default is {DEFAULT_TIMEOUT_SECONDS:.0f}.",
+            )
+        ]
+    return []
+
+
+def _check_enum(field_name: str, value: object, enum_type: type[enum.StrEnum]) -> list[Problem]:
+    try:
+        enum_type(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum_type)
+        return [Problem.error(field_name, value, "is not a known choice", f"Use one of: {allowed}.")]
+    return []
+
+
+def _check_tls(settings: ConnectionSettings) -> list[Problem]:
+    problems: list[Problem] = []
+    if settings.scp_certificate_pem:
+        problems += check_scp_certificate_pem(settings.scp_certificate_pem)
+    if settings.tls_mode == TlsMode.ACTIVE and not settings.scp_certificate_pem:
+        problems.append(
+            Problem.error(
+                "scp_certificate",
+                None,
+                "is missing, but TLS mode 'active' verifies the SCP against it",
+                "Upload the SCP's certificate (PEM or Base64 .cer), or choose TLS mode 'encryption-only'.",
+            )
+        )
+    if settings.pinned_fingerprint is not None and not _FINGERPRINT.match(settings.pinned_fingerprint):
+        problems.append(
+            Problem.error(
+                "pinned_fingerprint",
+                settings.pinned_fingerprint,
+                "is not a SHA-256 fingerprint",
+                "Use the 64 lower-case hex digits that Echo reported, without colons.",
+            )
+        )
+    return problems
+
+
+def validate_settings(settings: ConnectionSettings) -> ValidationReport:
+    """Check every field of `settings` and return all errors and warnings found."""
+    problems: list[Problem] = []
+    if not isinstance(settings.name, str) or not settings.name.strip():
+        problems.append(
+            Problem.error("name", settings.name, "is empty", "Give the connection a display name.")
+        )
+    problems += _check_enum("kind", settings.kind, ConnectionKind)
+    problems += check_ae_title("calling_ae_title", settings.calling_ae_title)
+    problems += check_ae_title("called_ae_title", settings.called_ae_title)
+    problems += check_host(settings.host)
+    problems += check_port(settings.port)
+    problems += check_timezone(settings.timezone)
+    problems += check_character_set("character_set", settings.character_set)
+    problems += _check_enum("tls_mode", settings.tls_mode, TlsMode)
+    problems += _check_enum("scu_authentication", settings.scu_authentication, ScuAuthentication)
+    problems += _check_enum("image_compression", settings.image_compression, Compression)
+    problems += _check_enum("loop_compression", settings.loop_compression, Compression)
+    problems += _check_enum("monochrome", settings.monochrome, MonochromeMode)
+    for name in ("acse_timeout", "dimse_timeout", "connection_timeout"):
+        problems += check_timeout(name, getattr(settings, name))
+    problems += _check_tls(settings)
+    return ValidationReport(problems)
