@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 # Importing a command module registers its commands on `app`.
 from pacsbridge.cli import (  # noqa: F401
@@ -22,6 +23,10 @@ def main() -> None:
         level=os.environ.get("PACSBRIDGE_LOG_LEVEL", "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pydicom reports every non-conformant value of vendor files as a warning;
+    # they are not actionable on the command line, so they stay out of the output; per-file reasons are printed instead.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"pydicom\..*")
     app()
 
 

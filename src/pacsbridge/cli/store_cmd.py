@@ -1,1 +1,103 @@
-"""Placeholder until the command lands."""
+"""`pacsbridge store`: send DICOM files to a storage SCP by C-STORE."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pacsbridge.cli.app import app
+from pacsbridge.cli.common import (
+    EXIT_FAILED,
+    AcseTimeoutOpt,
+    BindAddressOpt,
+    CalledAetOpt,
+    CallingAetOpt,
+    ConnectionTimeoutOpt,
+    DimseTimeoutOpt,
+    HostArg,
+    JsonOpt,
+    PortArg,
+    build_endpoint,
+    fail,
+    print_json,
+)
+from pacsbridge.connections.settings import DEFAULT_TIMEOUT_SECONDS
+from pacsbridge.dicomnet.store import StoreOutcome, store_instances
+from pacsbridge.ingest.files import collect_instances
+
+PathsArg = Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")]
+
+
+def format_outcome(outcome: StoreOutcome) -> str:
+    status = "----" if outcome.status is None else f"0x{outcome.status:04X}"
+    how = f", {outcome.conversion}" if outcome.conversion and outcome.conversion != "as-is" else ""
+    line = f"{outcome.category.value.upper():<8} {status}  {outcome.sop_instance_uid}  {outcome.meaning}{how}"
+    if outcome.failure is not None and outcome.failure.action:
+        line += f"\n         What to do: {outcome.failure.action}"
+    return line
+
+
+@app.command("store")
+def store_command(
+    host: HostArg,
+    port: PortArg,
+    paths: PathsArg,
+    calling_aet: CallingAetOpt,
+    called_aet: CalledAetOpt,
+    json_output: JsonOpt = False,
+    acse_timeout: AcseTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
+    dimse_timeout: DimseTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
+    connection_timeout: ConnectionTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
+    bind_address: BindAddressOpt = None,
+) -> None:
+    """Send DICOM files to a PACS by C-STORE over one association and print each outcome.
+
+    Exits 0 only when every instance was stored (success or warning status).
+    """
+    endpoint = build_endpoint(
+        host,
+        port,
+        calling_aet,
+        called_aet,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        connection_timeout=connection_timeout,
+        bind_address=bind_address,
+    )
+    instances, rejected = collect_instances(paths)
+    for bad in rejected:
+        typer.echo(f"error: {bad.path}: {bad.reason}", err=True)
+    if not instances:
+        fail("error: no DICOM files to send; give DICOM files or folders that contain them.")
+
+    show_progress = sys.stdout.isatty() and not json_output
+    outcomes: list[StoreOutcome] = []
+    if show_progress:
+        with typer.progressbar(length=len(instances), label="Sending", file=sys.stderr) as bar:
+
+            def on_outcome(outcome: StoreOutcome) -> None:
+                outcomes.append(outcome)
+                bar.update(1)
+
+            result = store_instances(endpoint, instances, on_outcome=on_outcome)
+    else:
+        result = store_instances(endpoint, instances)
+
+    if json_output:
+        data = result.as_dict()
+        data["rejected_files"] = [bad.as_dict() for bad in rejected]
+        print_json(data)
+    else:
+        for outcome in result.outcomes:
+            typer.echo(format_outcome(outcome))
+        stored = sum(outcome.stored for outcome in result.outcomes)
+        typer.echo(
+            f"{stored} of {len(result.outcomes)} instances stored at {endpoint.address}"
+            + (f"; {len(rejected)} files rejected before sending" if rejected else "")
+            + "."
+        )
+    if not result.all_stored or rejected:
+        raise typer.Exit(EXIT_FAILED)

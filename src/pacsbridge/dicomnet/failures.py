@@ -23,6 +23,7 @@ class FailureKind(enum.StrEnum):
     NO_PRESENTATION_CONTEXT = "no-presentation-context"
     DIMSE_TIMEOUT = "dimse-timeout"
     CONNECTION_LOST = "connection-lost"
+    ENCODING = "encoding"
 
 
 @dataclass(frozen=True)

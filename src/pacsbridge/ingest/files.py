@@ -1,0 +1,135 @@
+"""Read and check DICOM Part-10 files before they are sent or stored.
+
+Each file is checked on its own; a bad file gets a reason that names the file
+and what is wrong, and never stops the good files beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from pacsbridge.dicomnet.instances import InstanceFile
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RejectedFile:
+    path: Path
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": str(self.path), "reason": self.reason}
+
+
+class UnreadableFileError(ValueError):
+    """Raised for a file that is not a readable DICOM Part-10 file."""
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Return the files named by `paths`, walking folders recursively in sorted order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(path)
+    return files
+
+
+def _native_pixel_length(ds) -> int | None:
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.SamplesPerPixel)
+        bits = int(ds.BitsAllocated)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    pixels = rows * columns * frames
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        # Native YBR_FULL_422 stores two chroma samples per two pixels (PS3.3 C.7.6.3.1.2).
+        return (pixels * 2 * bits + 7) // 8
+    return (pixels * samples * bits + 7) // 8
+
+
+def _check_elements(ds: Dataset) -> None:
+    """Decode every element once, so a malformed one is found before anything is sent."""
+    try:
+        ds.walk(lambda dataset, element: None)
+    except (NotImplementedError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise UnreadableFileError(f"the file contains a malformed data element: {exc}") from None
+
+
+def inspect_file(path: Path) -> InstanceFile:
+    """Read `path` fully and return its identity, or raise `UnreadableFileError` with the reason."""
+    if not path.exists():
+        raise UnreadableFileError("file not found")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = dcmread(path)
+    except InvalidDicomError:
+        raise UnreadableFileError(
+            "not a DICOM Part-10 file (no 'DICM' prefix and File Meta Information); "
+            "export it from the modality or PACS as a DICOM file"
+        ) from None
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise UnreadableFileError(f"not readable as DICOM: {exc}") from None
+
+    truncation = [str(w.message) for w in caught if "End of file" in str(w.message)]
+    if truncation or len(ds) == 0:
+        raise UnreadableFileError("the file is truncated: it ends before its last data element")
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if not syntax:
+        raise UnreadableFileError("the File Meta Information has no Transfer Syntax UID")
+    sop_class = ds.get("SOPClassUID")
+    sop_instance = ds.get("SOPInstanceUID")
+    if not sop_class or not sop_instance:
+        raise UnreadableFileError(
+            "the data set has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018); "
+            "a File Meta header alone is not enough to send it"
+        )
+    _check_elements(ds)
+
+    if "PixelData" in ds and not syntax.is_compressed:
+        expected = _native_pixel_length(ds)
+        actual = len(ds.PixelData)
+        if expected is None:
+            raise UnreadableFileError("the image pixel description (Rows, Columns, Bits Allocated...) is invalid")
+        if actual < expected:
+            raise UnreadableFileError(
+                f"the pixel data is truncated: {actual} bytes, {expected} expected from Rows, Columns, "
+                "Samples per Pixel, Bits Allocated and Number of Frames"
+            )
+    try:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise UnreadableFileError(f"Number of Frames {ds.get('NumberOfFrames')!r} is not a number") from None
+    return InstanceFile(
+        path=path,
+        sop_class_uid=str(sop_class),
+        sop_instance_uid=str(sop_instance),
+        transfer_syntax_uid=str(syntax),
+        number_of_frames=frames,
+    )
+
+
+def collect_instances(paths: Iterable[Path]) -> tuple[list[InstanceFile], list[RejectedFile]]:
+    """Inspect every file under `paths`; return the readable instances and the rejected files."""
+    accepted: list[InstanceFile] = []
+    rejected: list[RejectedFile] = []
+    for path in expand_paths(paths):
+        try:
+            accepted.append(inspect_file(path))
+        except UnreadableFileError as exc:
+            LOGGER.info("rejected file %s: %s", path, exc)
+            rejected.append(RejectedFile(path, str(exc)))
+    return accepted, rejected
