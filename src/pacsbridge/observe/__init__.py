@@ -1,0 +1,1 @@
+"""Observation: logging now; delivery status and metrics as forwarding lands."""
