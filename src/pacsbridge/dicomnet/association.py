@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pynetdicom import AE, Association, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 
@@ -104,12 +105,25 @@ class _AssociationWatcher:
     def __init__(self) -> None:
         self.connected = False
         self.abort: A_ABORT | A_P_ABORT | None = None
+        self.rejection: A_ASSOCIATE_RJ | None = None
 
     def handlers(self) -> list[tuple[evt.NotificationEvent, object]]:
-        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+        return [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_ACSE_RECV, self._on_acse),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+        ]
 
     def _on_open(self, event: evt.Event) -> None:
         self.connected = True
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        # A peer that closes the connection right after A-ASSOCIATE-RJ can make
+        # pynetdicom 3.0.4 report an abort without the rejection; the PDU as
+        # decoded still carries the result, source and reason.
+        pdu = event.pdu  # type: ignore[attr-defined]
+        if isinstance(pdu, A_ASSOCIATE_RJ):
+            self.rejection = pdu
 
     def _on_acse(self, event: evt.Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
@@ -130,15 +144,16 @@ def _make_ae(endpoint: Endpoint) -> AE:
 
 
 def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoint) -> Failure:
-    if assoc.is_rejected:
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
         rsp = assoc.acceptor.primitive
-        return decode_rejection(
-            int(rsp.result),
-            int(rsp.result_source),
-            int(rsp.diagnostic),
-            calling=endpoint.calling_ae_title,
-            called=endpoint.called_ae_title,
-        )
+        codes = (int(rsp.result), int(rsp.result_source), int(rsp.diagnostic))
+    elif watcher.rejection is not None:
+        pdu = watcher.rejection
+        codes = (int(pdu.result or 0), int(pdu.source or 0), int(pdu.reason_diagnostic or 0))
+    else:
+        codes = None
+    if codes is not None:
+        return decode_rejection(*codes, calling=endpoint.calling_ae_title, called=endpoint.called_ae_title)
     if not watcher.connected:
         failure = probe_tcp(endpoint)
         if failure is not None:
@@ -152,7 +167,8 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
     if watcher.abort is not None:
         if isinstance(watcher.abort, A_P_ABORT):
             return decode_abort(None, watcher.abort.provider_reason)
-        return decode_abort(watcher.abort.abort_source, watcher.abort.reason)
+        # pynetdicom's A_ABORT primitive keeps the source but not the reason.
+        return decode_abort(watcher.abort.abort_source, None)
     if assoc.is_aborted and assoc.acceptor.primitive is not None and not assoc.accepted_contexts:
         return Failure(
             FailureKind.NO_PRESENTATION_CONTEXT,
