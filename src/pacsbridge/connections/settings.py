@@ -105,7 +105,10 @@ def check_host(host: str) -> list[Problem]:
     except ValueError:
         pass
     name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+    labels = name.split(".")
+    # An all-digit last label is a mistyped IPv4 address (such as 256.1.1.1),
+    # never a host name: top-level domains are not numeric.
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels) or labels[-1].isdigit():
         return [
             Problem.error(
                 "host",
