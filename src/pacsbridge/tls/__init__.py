@@ -1,0 +1,1 @@
+"""TLS support for DICOM-TLS connections: keys, certificates and certificate uploads."""
