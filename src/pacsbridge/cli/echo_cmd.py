@@ -11,13 +11,22 @@ from pacsbridge.cli.common import (
     BindAddressOpt,
     CalledAetOpt,
     CallingAetOpt,
+    CheckHostnameOpt,
+    ClientCertOpt,
+    ClientKeyOpt,
     ConnectionTimeoutOpt,
     DimseTimeoutOpt,
     HostArg,
     JsonOpt,
+    LegacyCiphersOpt,
+    PinnedFingerprintOpt,
     PortArg,
+    ScpCertOpt,
+    ServerNameOpt,
+    TlsOpt,
     build_endpoint,
     print_json,
+    tls_from_options,
 )
 from pacsbridge.connections.settings import DEFAULT_TIMEOUT_SECONDS
 from pacsbridge.dicomnet.echo import EchoReport, EchoStep, Outcome, echo
@@ -58,6 +67,14 @@ def echo_command(
     dimse_timeout: DimseTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
     connection_timeout: ConnectionTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
     bind_address: BindAddressOpt = None,
+    tls: TlsOpt = None,
+    scp_cert: ScpCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    server_name: ServerNameOpt = None,
+    pinned_fingerprint: PinnedFingerprintOpt = None,
+    check_hostname: CheckHostnameOpt = False,
+    legacy_ciphers: LegacyCiphersOpt = False,
 ) -> None:
     """Test a connection: TCP connect, association, C-ECHO and release, each reported.
 
@@ -73,6 +90,9 @@ def echo_command(
         dimse_timeout=dimse_timeout,
         connection_timeout=connection_timeout,
         bind_address=bind_address,
+        tls=tls_from_options(
+            tls, scp_cert, client_cert, client_key, server_name, pinned_fingerprint, check_hostname, legacy_ciphers
+        ),
     )
     report = echo(endpoint)
     if json_output:

@@ -11,22 +11,33 @@ import typer
 from pacsbridge.cli.app import app
 from pacsbridge.cli.common import (
     EXIT_FAILED,
+    EXIT_INVALID_INPUT,
     AcseTimeoutOpt,
     BindAddressOpt,
     CalledAetOpt,
     CallingAetOpt,
+    CheckHostnameOpt,
+    ClientCertOpt,
+    ClientKeyOpt,
     ConnectionTimeoutOpt,
     DimseTimeoutOpt,
     HostArg,
     JsonOpt,
+    LegacyCiphersOpt,
+    PinnedFingerprintOpt,
     PortArg,
+    ScpCertOpt,
+    ServerNameOpt,
+    TlsOpt,
+    announce_encryption_only_peer,
     build_endpoint,
     fail,
     print_json,
+    tls_from_options,
 )
 from pacsbridge.connections.settings import DEFAULT_TIMEOUT_SECONDS
 from pacsbridge.dicomnet.store import StoreOutcome, store_instances
-from pacsbridge.ingest.files import collect_instances
+from pacsbridge.ingest.files import collect_instances, find_duplicate_uids
 
 PathsArg = Annotated[list[Path], typer.Argument(help="DICOM files or folders (searched recursively).")]
 
@@ -34,7 +45,7 @@ PathsArg = Annotated[list[Path], typer.Argument(help="DICOM files or folders (se
 def format_outcome(outcome: StoreOutcome) -> str:
     status = "----" if outcome.status is None else f"0x{outcome.status:04X}"
     how = f", {outcome.conversion}" if outcome.conversion and outcome.conversion != "as-is" else ""
-    line = f"{outcome.category.value.upper():<8} {status}  {outcome.sop_instance_uid}  {outcome.meaning}{how}"
+    line = f"{outcome.category.value.upper():<8} {status}  {outcome.path}  {outcome.sop_instance_uid}  {outcome.meaning}{how}"
     if outcome.failure is not None and outcome.failure.action:
         line += f"\n         What to do: {outcome.failure.action}"
     return line
@@ -52,6 +63,14 @@ def store_command(
     dimse_timeout: DimseTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
     connection_timeout: ConnectionTimeoutOpt = DEFAULT_TIMEOUT_SECONDS,
     bind_address: BindAddressOpt = None,
+    tls: TlsOpt = None,
+    scp_cert: ScpCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    server_name: ServerNameOpt = None,
+    pinned_fingerprint: PinnedFingerprintOpt = None,
+    check_hostname: CheckHostnameOpt = False,
+    legacy_ciphers: LegacyCiphersOpt = False,
 ) -> None:
     """Send DICOM files to a PACS by C-STORE over one association and print each outcome.
 
@@ -66,10 +85,23 @@ def store_command(
         dimse_timeout=dimse_timeout,
         connection_timeout=connection_timeout,
         bind_address=bind_address,
+        tls=tls_from_options(
+            tls, scp_cert, client_cert, client_key, server_name, pinned_fingerprint, check_hostname, legacy_ciphers
+        ),
     )
+    announce_encryption_only_peer(endpoint)
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        fail(f"error: {', '.join(map(str, missing))}: file or folder not found.", EXIT_INVALID_INPUT)
     instances, rejected = collect_instances(paths)
     for bad in rejected:
         typer.echo(f"error: {bad.path}: {bad.reason}", err=True)
+    for uid, duplicates in find_duplicate_uids(instances).items():
+        typer.echo(
+            f"warning: {len(duplicates)} files share SOP Instance UID {uid}: "
+            f"{', '.join(map(str, duplicates))}; the PACS keeps only one of them.",
+            err=True,
+        )
     if not instances:
         fail("error: no DICOM files to send; give DICOM files or folders that contain them.")
 
@@ -88,6 +120,8 @@ def store_command(
 
     if json_output:
         data = result.as_dict()
+        data["all_stored"] = result.all_stored and not rejected
+        data["rejected"] = len(rejected)
         data["rejected_files"] = [bad.as_dict() for bad in rejected]
         print_json(data)
     else:

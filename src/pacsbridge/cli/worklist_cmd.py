@@ -11,15 +11,28 @@ from __future__ import annotations
 import json
 import unicodedata
 import warnings
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from pacsbridge.cli.app import app
+from pacsbridge.cli.common import (
+    BindAddressOpt,
+    CheckHostnameOpt,
+    ClientCertOpt,
+    ClientKeyOpt,
+    LegacyCiphersOpt,
+    PinnedFingerprintOpt,
+    ScpCertOpt,
+    ServerNameOpt,
+    TlsOpt,
+    announce_encryption_only_peer,
+    build_endpoint,
+    tls_from_options,
+)
 from pacsbridge.connections import Problem, Severity
-from pacsbridge.connections.aetitle import check_ae_title
 from pacsbridge.connections.charset import check_character_set
-from pacsbridge.connections.settings import DEFAULT_TIMEOUT_SECONDS, check_host, check_port, check_timeout
+from pacsbridge.connections.settings import DEFAULT_TIMEOUT_SECONDS
 from pacsbridge.dicomnet.association import Endpoint
 from pacsbridge.dicomnet.failures import DicomNetworkError
 from pacsbridge.dicomnet.worklist import (
@@ -88,11 +101,33 @@ def worklist_command(
     as_json: Annotated[
         bool, typer.Option("--json", help='Print {"items": [...], "warnings": [...], "truncated": bool}.')
     ] = False,
+    bind_address: BindAddressOpt = None,
+    tls: TlsOpt = None,
+    scp_cert: ScpCertOpt = None,
+    client_cert: ClientCertOpt = None,
+    client_key: ClientKeyOpt = None,
+    server_name: ServerNameOpt = None,
+    pinned_fingerprint: PinnedFingerprintOpt = None,
+    check_hostname: CheckHostnameOpt = False,
+    legacy_ciphers: LegacyCiphersOpt = False,
 ) -> None:
     """Query a Modality Worklist SCP (C-FIND) and print the matching scheduled procedures."""
-    problems = _check_connection(host, port, calling_aet, called_aet, acse_timeout, dimse_timeout, connection_timeout)
-    problems += check_character_set("charset", charset) + check_character_set("fallback_charset", fallback_charset)
-    _report_problems(problems)
+    _report_problems(
+        check_character_set("charset", charset) + check_character_set("fallback_charset", fallback_charset)
+    )
+    endpoint = build_endpoint(
+        host,
+        port,
+        calling_aet,
+        called_aet,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        connection_timeout=connection_timeout,
+        bind_address=bind_address,
+        tls=tls_from_options(
+            tls, scp_cert, client_cert, client_key, server_name, pinned_fingerprint, check_hostname, legacy_ciphers
+        ),
+    )
 
     query = WorklistQuery(
         modality=None if modality.strip() in ("", "*") else modality,
@@ -108,37 +143,12 @@ def worklist_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_INVALID_INPUT) from None
 
-    endpoint = Endpoint(
-        host=host,
-        port=port,
-        calling_ae_title=calling_aet,
-        called_ae_title=called_aet,
-        acse_timeout=acse_timeout,
-        dimse_timeout=dimse_timeout,
-        connection_timeout=connection_timeout,
-    )
-    result = _run_query(endpoint, query, fallback_charset, max_items)
+    announce_encryption_only_peer(endpoint)
+    result = _run_query(endpoint, query, fallback_charset, max_items, as_json)
     if as_json:
         typer.echo(json.dumps(result.as_dict(), ensure_ascii=False, indent=2))
         return
     _print_table(result, max_items)
-
-
-def _check_connection(
-    host: str,
-    port: int,
-    calling_aet: str,
-    called_aet: str,
-    acse_timeout: float,
-    dimse_timeout: float,
-    connection_timeout: float,
-) -> list[Problem]:
-    problems = check_ae_title("calling_aet", calling_aet) + check_ae_title("called_aet", called_aet)
-    problems += check_host(host) + check_port(port)
-    problems += check_timeout("acse_timeout", acse_timeout)
-    problems += check_timeout("dimse_timeout", dimse_timeout)
-    problems += check_timeout("connection_timeout", connection_timeout)
-    return problems
 
 
 def _report_problems(problems: list[Problem]) -> None:
@@ -149,7 +159,21 @@ def _report_problems(problems: list[Problem]) -> None:
         raise typer.Exit(EXIT_INVALID_INPUT)
 
 
-def _run_query(endpoint: Endpoint, query: WorklistQuery, fallback_charset: str, max_items: int) -> WorklistResult:
+def _fail_unavailable(summary: str, action: str, as_json: bool) -> NoReturn:
+    """Report a failed query on stderr (and as JSON on stdout with --json), then exit 1.
+
+    The JSON carries "ok": false and no "items" key, so no script can read a
+    failed query as an empty worklist.
+    """
+    typer.echo(f"worklist unavailable: {summary} {action}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": {"summary": summary, "action": action}}, ensure_ascii=False))
+    raise typer.Exit(EXIT_UNAVAILABLE)
+
+
+def _run_query(
+    endpoint: Endpoint, query: WorklistQuery, fallback_charset: str, max_items: int, as_json: bool
+) -> WorklistResult:
     try:
         with warnings.catch_warnings():
             # pydicom also warns about misspelled character sets. The result
@@ -159,11 +183,9 @@ def _run_query(endpoint: Endpoint, query: WorklistQuery, fallback_charset: str, 
                 endpoint, query, fallback_character_set=fallback_charset, max_items=max_items
             )
     except DicomNetworkError as exc:
-        typer.echo(f"worklist unavailable: {exc.failure.summary} {exc.failure.action}", err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
+        _fail_unavailable(exc.failure.summary, exc.failure.action, as_json)
     except WorklistError as exc:
-        typer.echo(f"worklist unavailable: {exc.summary} {exc.action}", err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
+        _fail_unavailable(exc.summary, exc.action, as_json)
 
 
 def _print_table(result: WorklistResult, max_items: int) -> None:

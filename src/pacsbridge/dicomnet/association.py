@@ -8,11 +8,12 @@ timeout each response, and the network timeout bounds idle reads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
-import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pynetdicom import AE, Association, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -27,6 +28,13 @@ from pacsbridge.dicomnet.failures import (
     decode_abort,
     decode_rejection,
     decode_socket_error,
+)
+from pacsbridge.tls.context import (
+    TlsConfigurationError,
+    TlsMode,
+    TlsSettings,
+    build_client_context,
+    sha256_fingerprint,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -49,12 +57,40 @@ class Endpoint:
     connection_timeout: float = 300.0
     # Local address to bind outgoing connections to, for a fixed egress address.
     bind_address: str | None = None
-    # TLS: a client-side SSLContext and the server name to send, once TLS is set up.
-    ssl_context: ssl.SSLContext | None = None
-    server_name: str | None = None
+    # None for plain DICOM (TLS inactive).
+    tls: TlsSettings | None = None
+    # In encryption-only mode, refuse to associate until an admin has pinned
+    # a fingerprint. Forwarding sets this; Echo and the command line do not,
+    # so that they can show the fingerprint for confirmation.
+    require_pin: bool = False
 
     @classmethod
-    def from_settings(cls, settings: ConnectionSettings, *, bind_address: str | None = None) -> Endpoint:
+    def from_settings(
+        cls,
+        settings: ConnectionSettings,
+        *,
+        bind_address: str | None = None,
+        client_certificate: Path | None = None,
+        client_key: Path | None = None,
+        require_pin: bool = False,
+    ) -> Endpoint:
+        """Build the endpoint of a stored connection, with TLS settings unless its TLS mode is inactive.
+
+        `client_certificate` and `client_key` are PEM files, used only with TLS.
+        pacsbridge.tls.endpoints.endpoint_for supplies them for SCU authentication.
+        """
+        tls = None
+        if settings.tls_mode != "inactive":
+            tls = TlsSettings(
+                mode=TlsMode(str(settings.tls_mode)),
+                scp_certificate_pem=settings.scp_certificate_pem,
+                pinned_fingerprint=settings.pinned_fingerprint,
+                client_certificate=client_certificate,
+                client_key=client_key,
+                server_name=settings.server_name,
+                check_hostname=settings.check_hostname,
+                legacy_ciphers=settings.legacy_ciphers,
+            )
         return cls(
             host=settings.host,
             port=settings.port,
@@ -64,26 +100,22 @@ class Endpoint:
             dimse_timeout=settings.dimse_timeout,
             connection_timeout=settings.connection_timeout,
             bind_address=bind_address,
+            tls=tls,
+            require_pin=require_pin,
         )
 
     def capped(self, seconds: float) -> Endpoint:
         """Return a copy whose connect and association waits are at most `seconds`."""
-        return Endpoint(
-            host=self.host,
-            port=self.port,
-            calling_ae_title=self.calling_ae_title,
-            called_ae_title=self.called_ae_title,
+        return dataclasses.replace(
+            self,
             acse_timeout=min(self.acse_timeout, seconds),
-            dimse_timeout=self.dimse_timeout,
             connection_timeout=min(self.connection_timeout, seconds),
-            bind_address=self.bind_address,
-            ssl_context=self.ssl_context,
-            server_name=self.server_name,
         )
 
     @property
     def address(self) -> str:
-        return f"{self.called_ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.called_ae_title}@{host}:{self.port}"
 
 
 def probe_tcp(endpoint: Endpoint) -> Failure | None:
@@ -119,8 +151,8 @@ class _AssociationWatcher:
 
     def _on_pdu(self, event: evt.Event) -> None:
         # A peer that closes the connection right after A-ASSOCIATE-RJ can make
-        # pynetdicom 3.0.4 report an abort without the rejection; the PDU as
-        # decoded still carries the result, source and reason.
+        # pynetdicom 3.0.4 report an abort without the rejection. The decoded
+        # PDU still contains the result, source and reason.
         pdu = event.pdu  # type: ignore[attr-defined]
         if isinstance(pdu, A_ASSOCIATE_RJ):
             self.rejection = pdu
@@ -136,8 +168,8 @@ def _make_ae(endpoint: Endpoint) -> AE:
     ae.acse_timeout = endpoint.acse_timeout
     ae.dimse_timeout = endpoint.dimse_timeout
     ae.connection_timeout = endpoint.connection_timeout
-    # The network timeout closes an association that stays idle; it also
-    # bounds a peer that stops reading or answering.
+    # The network timeout closes an association that stays idle. It also
+    # bounds a peer that stops reading or responding.
     ae.network_timeout = max(endpoint.dimse_timeout, endpoint.acse_timeout)
     ae.maximum_pdu_size = MAX_PDU_LENGTH
     return ae
@@ -158,6 +190,8 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
         failure = probe_tcp(endpoint)
         if failure is not None:
             return failure
+        if endpoint.tls is not None:
+            return _diagnose_tls(endpoint)
         return Failure(
             FailureKind.NETWORK,
             f"Could not open a connection to {endpoint.host} port {endpoint.port}.",
@@ -173,8 +207,8 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
         return Failure(
             FailureKind.NO_PRESENTATION_CONTEXT,
             "The SCP accepted the association but none of the proposed presentation contexts.",
-            "The SCP does not support this service or these transfer syntaxes: check its configuration "
-            "for the SOP classes being sent.",
+            "The SCP does not support the requested service (for example Storage or Modality Worklist "
+            "Information Model - FIND) with these transfer syntaxes: check its configuration.",
             transient=False,
         )
     if assoc.acceptor.primitive is None:
@@ -193,6 +227,58 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
     )
 
 
+def _diagnose_tls(endpoint: Endpoint) -> Failure:
+    from pacsbridge.tls.handshake import TlsFailure, probe_tls
+
+    assert endpoint.tls is not None
+    try:
+        probe_tls(
+            endpoint.host,
+            endpoint.port,
+            endpoint.tls,
+            timeout=endpoint.connection_timeout,
+            bind_address=endpoint.bind_address,
+        )
+    except TlsFailure as exc:
+        return exc.failure
+    return Failure(
+        FailureKind.TLS,
+        "The TLS connection failed during association set-up, though a separate handshake succeeded.",
+        "Check the SCP's TLS log; it may limit connections per client.",
+        transient=True,
+    )
+
+
+def peer_certificate_der(assoc: Association) -> bytes | None:
+    """Return the SCP's certificate (DER) of a TLS association, or None for plain DICOM."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    getpeercert = getattr(sock, "getpeercert", None)
+    return getpeercert(binary_form=True) if getpeercert else None
+
+
+def _check_peer(assoc: Association, endpoint: Endpoint) -> None:
+    """Abort `assoc` unless the peer certificate is the pinned one (encryption-only mode)."""
+    from pacsbridge.tls.handshake import pin_failure
+
+    tls = endpoint.tls
+    if tls is None or tls.mode != TlsMode.ENCRYPTION_ONLY:
+        return
+    der = peer_certificate_der(assoc)
+    seen = sha256_fingerprint(der) if der else ""
+    failure = pin_failure(tls, seen)
+    if failure is None and endpoint.require_pin and not tls.pinned_fingerprint:
+        failure = Failure(
+            FailureKind.TLS,
+            "The SCP's certificate has not been confirmed yet (encryption-only mode).",
+            "Run Echo, compare the SHA-256 fingerprint with the PACS admin, and confirm it.",
+            transient=False,
+        )
+    if failure is not None:
+        assoc.abort()
+        LOGGER.warning("TLS peer check failed for %s: %s", endpoint.address, failure.summary)
+        raise DicomNetworkError(failure)
+
+
 def open_association(endpoint: Endpoint, contexts: Sequence[PresentationContext]) -> Association:
     """Request an association and return it once established.
 
@@ -205,12 +291,23 @@ def open_association(endpoint: Endpoint, contexts: Sequence[PresentationContext]
     kwargs: dict[str, object] = {"ae_title": endpoint.called_ae_title, "evt_handlers": watcher.handlers()}
     if endpoint.bind_address:
         kwargs["bind_address"] = (endpoint.bind_address, 0)
-    if endpoint.ssl_context is not None:
-        kwargs["tls_args"] = (endpoint.ssl_context, endpoint.server_name or endpoint.host)
+    if endpoint.tls is not None:
+        try:
+            context = build_client_context(endpoint.tls)
+        except TlsConfigurationError as exc:
+            raise DicomNetworkError(
+                Failure(FailureKind.TLS, f"TLS is not set up correctly: {exc}.", "Fix the TLS settings.", False)
+            ) from None
+        kwargs["tls_args"] = (context, endpoint.tls.server_name or endpoint.host)
     assoc = ae.associate(endpoint.host, endpoint.port, **kwargs)
     if assoc.is_established:
-        LOGGER.info("association established with %s (%d contexts accepted)", endpoint.address,
-                    len(assoc.accepted_contexts))
+        _check_peer(assoc, endpoint)
+        LOGGER.info(
+            "association established with %s (%d contexts accepted, %s)",
+            endpoint.address,
+            len(assoc.accepted_contexts),
+            "plain" if endpoint.tls is None else endpoint.tls.description,
+        )
         return assoc
     failure = _diagnose(assoc, watcher, endpoint)
     LOGGER.warning("association with %s failed: %s", endpoint.address, failure.summary)

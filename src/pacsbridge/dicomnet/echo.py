@@ -1,4 +1,4 @@
-"""Echo: test a connection step by step and say what passed and what failed.
+"""Echo: test a connection step by step and report what passed and what failed.
 
 The report is a list of steps, each with an outcome, a duration and a detail
 for the admin. New checks (TLS handshake, presentation contexts, worklist
@@ -7,6 +7,7 @@ probe) are new steps in the same list, so the report keeps its shape.
 
 from __future__ import annotations
 
+import datetime
 import enum
 import logging
 import time
@@ -17,12 +18,18 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from pacsbridge.dicomnet.association import Endpoint, open_association, probe_tcp
-from pacsbridge.dicomnet.failures import DicomNetworkError, Failure
+from pacsbridge.dicomnet.failures import DicomNetworkError, Failure, FailureKind
 from pacsbridge.dicomnet.status import describe_status
+from pacsbridge.tls.certificates import colon_fingerprint
+from pacsbridge.tls.context import TlsConfigurationError, TlsMode
+from pacsbridge.tls.handshake import TlsFailure, probe_tls
+
+# Certificates that expire within this time are flagged.
+EXPIRY_WARNING = datetime.timedelta(days=30)
 
 LOGGER = logging.getLogger(__name__)
 
-# Echo waits at most this long to connect and to get an association answer,
+# Echo waits at most this long to connect and to receive an association response,
 # whatever the connection's own timeouts, so a firewall that silently drops
 # packets is reported within seconds instead of minutes.
 ECHO_WAIT_CAP_SECONDS = 15.0
@@ -122,10 +129,56 @@ def _skip_rest(report: EchoReport, names: list[tuple[str, str]], reason: str) ->
 
 _STEPS = [
     ("tcp-connect", "TCP connection"),
+    ("tls-handshake", "TLS handshake"),
     ("association", "Association"),
     ("c-echo", "C-ECHO"),
     ("release", "Release"),
 ]
+
+
+def _tls_step(endpoint: Endpoint) -> EchoStep:
+    assert endpoint.tls is not None
+    timer = _StepTimer()
+    try:
+        result = probe_tls(
+            endpoint.host,
+            endpoint.port,
+            endpoint.tls,
+            timeout=endpoint.connection_timeout,
+            bind_address=endpoint.bind_address,
+        )
+    except TlsConfigurationError as exc:
+        failure = Failure(FailureKind.TLS, f"TLS is not set up correctly: {exc}.", "Fix the TLS settings.", False)
+        return _failed_step("tls-handshake", "TLS handshake", timer, failure)
+    except TlsFailure as exc:
+        return _failed_step("tls-handshake", "TLS handshake", timer, exc.failure)
+
+    peer = result.peer
+    detail = f"{result.protocol} with {result.cipher}"
+    outcome = Outcome.PASSED
+    action = ""
+    if peer is not None:
+        detail += (
+            f"; SCP certificate {peer.subject}, valid until {peer.not_after:%Y-%m-%d}, "
+            f"SHA-256 {colon_fingerprint(peer.fingerprint)}; {result.trust}"
+        )
+        if peer.not_after - datetime.datetime.now(datetime.UTC) < EXPIRY_WARNING:
+            outcome = Outcome.WARNING
+            action = "The SCP's certificate expires within 30 days: ask the PACS admin to renew it."
+    if endpoint.tls.mode == TlsMode.ENCRYPTION_ONLY and not endpoint.tls.pinned_fingerprint:
+        outcome = Outcome.WARNING
+        action = "Compare this fingerprint with the PACS admin, then confirm it to pin it."
+    if endpoint.tls.legacy_ciphers:
+        detail += "; legacy cipher profile (weaker)"
+    return EchoStep(
+        "tls-handshake",
+        "TLS handshake",
+        outcome,
+        timer.elapsed_ms(),
+        detail,
+        action=action,
+        data=result.as_dict(),
+    )
 
 
 def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = None) -> EchoReport:
@@ -140,7 +193,7 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
         port=endpoint.port,
         calling_ae_title=endpoint.calling_ae_title,
         called_ae_title=endpoint.called_ae_title,
-        secured=endpoint.ssl_context is not None,
+        secured=endpoint.tls is not None,
     )
 
     def add(step: EchoStep) -> None:
@@ -148,12 +201,13 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
         if on_step is not None:
             on_step(step)
 
-    # Step 1: a plain TCP connection tells network problems apart from DICOM ones.
+    # Step 1: a plain TCP connection separates network problems from DICOM ones.
     timer = _StepTimer()
     failure = probe_tcp(endpoint)
+    steps = _STEPS if endpoint.tls is not None else [step for step in _STEPS if step[0] != "tls-handshake"]
     if failure is not None:
         add(_failed_step("tcp-connect", "TCP connection", timer, failure))
-        _skip_rest(report, _STEPS[1:], "Skipped because the TCP connection failed.")
+        _skip_rest(report, steps[1:], "Skipped because the TCP connection failed.")
         return report
     add(
         EchoStep(
@@ -165,13 +219,22 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
         )
     )
 
-    # Step 2: the association request with our calling and their called AE title.
+    # Step 2 (TLS only): a separate handshake, so TLS problems are reported apart
+    # from DICOM ones and the certificate can be shown for confirmation.
+    if endpoint.tls is not None:
+        step = _tls_step(endpoint)
+        add(step)
+        if step.outcome == Outcome.FAILED:
+            _skip_rest(report, steps[2:], "Skipped because the TLS handshake failed.")
+            return report
+
+    # Step 3: the association request with our calling and their called AE title.
     timer = _StepTimer()
     try:
         assoc = open_association(endpoint, [build_context(Verification)])
     except DicomNetworkError as exc:
         add(_failed_step("association", "Association", timer, exc.failure))
-        _skip_rest(report, _STEPS[2:], "Skipped because the association was not established.")
+        _skip_rest(report, steps[-2:], "Skipped because the association was not established.")
         return report
     add(
         EchoStep(
@@ -185,7 +248,7 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
         )
     )
 
-    # Step 3: C-ECHO itself.
+    # Step 4: C-ECHO itself.
     timer = _StepTimer()
     try:
         status = assoc.send_c_echo()
@@ -204,7 +267,7 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
             )
         )
         assoc.abort()
-        _skip_rest(report, _STEPS[3:], "Skipped because C-ECHO failed.")
+        _skip_rest(report, steps[-1:], "Skipped because C-ECHO failed.")
         return report
     meaning = describe_status(int(status.Status), service="verification")
     outcome = {
@@ -222,7 +285,7 @@ def echo(endpoint: Endpoint, *, on_step: Callable[[EchoStep], None] | None = Non
         )
     )
 
-    # Step 4: an orderly release; some SCPs drop the connection instead.
+    # Step 5: an orderly release; some SCPs drop the connection instead.
     timer = _StepTimer()
     assoc.release()
     if assoc.is_released:

@@ -24,11 +24,12 @@ class FailureKind(enum.StrEnum):
     DIMSE_TIMEOUT = "dimse-timeout"
     CONNECTION_LOST = "connection-lost"
     ENCODING = "encoding"
+    TLS = "tls"
 
 
 @dataclass(frozen=True)
 class Failure:
-    """What failed, whether trying again later may help, and what to do."""
+    """A decoded failure: its kind, whether a retry may help, and the action for the admin."""
 
     kind: FailureKind
     summary: str
@@ -78,8 +79,8 @@ _REJECT_REASONS: dict[tuple[int, int], tuple[str, str]] = {
     ),
     (1, 7): (
         "called AE title not recognized",
-        "The SCP does not answer to the called AE title {called!r}. Enter the AE title exactly as the PACS "
-        "is configured (case included).",
+        "The SCP does not answer to the called AE title {called!r}. Enter the AE title exactly as it is "
+        "configured on the SCP (case included).",
     ),
     (2, 1): ("no reason given", "The SCP's DICOM stack rejected the request. Check the SCP's log."),
     (2, 2): (

@@ -1,7 +1,7 @@
 """C-STORE: send a set of instances over one association and report each outcome.
 
 Presentation contexts are proposed per SOP class with one transfer syntax
-each, so the SCP's answer tells exactly which syntaxes it takes: the
+each, so the SCP's response shows exactly which syntaxes it accepts: the
 instance's own syntax, the default syntax the standard requires beside it,
 Explicit VR Little Endian and Implicit VR Little Endian. An instance whose own
 syntax was refused is sent uncompressed, with the same pixel values.
@@ -39,7 +39,7 @@ MAX_CONTEXTS_PER_ASSOCIATION = 128
 
 @dataclass
 class StoreOutcome:
-    """What happened to one instance."""
+    """The outcome of sending one instance."""
 
     path: Path
     sop_instance_uid: str
@@ -239,7 +239,7 @@ def store_instances(
     """Send `instances` to `endpoint` by C-STORE and return each instance's outcome.
 
     One association carries them all, unless their presentation contexts do
-    not fit in one; association failures become failed outcomes rather than
+    not fit in one. Association failures become failed outcomes rather than
     exceptions, so every instance gets exactly one outcome.
     """
     result = StoreResult()

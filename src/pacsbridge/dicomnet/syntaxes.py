@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import (
@@ -14,6 +16,8 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
 )
+
+LOGGER = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -98,7 +102,11 @@ def decode_to_native(ds: Dataset) -> Dataset:
             # so pydicom must not give the decoded data set a new random UID.
             ds.decompress(generate_instance_uid=False)
         except (NotImplementedError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"cannot decode pixel data in {own.name} ({own}): {exc}") from exc
+            # pydicom lists every decoder's error on its own line; the first
+            # line is enough for the admin, the rest goes to the debug log.
+            LOGGER.debug("decoding %s failed: %s", own, exc)
+            reason = str(exc).strip().splitlines()[0].rstrip(":")
+            raise ValueError(f"no installed decoder can read its {own.name} pixel data ({reason})") from exc
         return ds
     if own == ExplicitVRBigEndian and "PixelData" in ds:
         pixels = ds.pixel_array

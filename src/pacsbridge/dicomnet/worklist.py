@@ -42,7 +42,12 @@ from pacsbridge.connections.charset import (
     check_character_set,
 )
 from pacsbridge.dicomnet.association import Endpoint, association
-from pacsbridge.dicomnet.failures import DicomNetworkError, Failure, FailureKind, decode_abort
+from pacsbridge.dicomnet.failures import (
+    DicomNetworkError,
+    Failure,
+    FailureKind,
+    decode_abort,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -212,6 +217,7 @@ class WorklistResult:
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "ok": True,
             "items": [item.as_dict() for item in self.items],
             "warnings": list(self.warnings),
             "truncated": self.truncated,
