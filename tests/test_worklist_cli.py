@@ -92,7 +92,7 @@ def test_cli_json_shape(wlmscpfs_port):
 
     assert result.exit_code == 0, result.stderr
     output = json.loads(result.stdout)
-    assert set(output) == {"items", "warnings", "truncated"}
+    assert set(output) == {"ok", "items", "warnings", "truncated"}
     assert output["truncated"] is False
     assert output["warnings"] == []
     assert [item["patient_name"] for item in output["items"]] == [JAPANESE, ACCENTED]
@@ -168,13 +168,13 @@ def test_cli_closed_port():
 @pytest.mark.parametrize(
     ("options", "fragments"),
     [
-        (("--calling-aet", "A_VERY_LONG_AE_TITLE"), ("calling_aet", "'A_VERY_LONG_AE_TITLE'", "more than 16")),
-        (("--called-aet", "BAD\\AE"), ("called_aet", "backslash", "Use 1 to 16")),
-        (("--called-aet", "   "), ("called_aet", "empty")),
+        (("--calling-aet", "A_VERY_LONG_AE_TITLE"), ("--calling-aet", "'A_VERY_LONG_AE_TITLE'", "more than 16")),
+        (("--called-aet", "BAD\\AE"), ("--called-aet", "backslash", "Use 1 to 16")),
+        (("--called-aet", "   "), ("--called-aet", "empty")),
         (("--date", "2024-05-10"), ("'2024-05-10'", "YYYYMMDD")),
         (("--date", "20240231"), ("'20240231'", "not a calendar date")),
         (("--charset", "LATIN1"), ("charset", "'LATIN1'", "ISO_IR 100")),
-        (("--dimse-timeout", "0"), ("dimse_timeout", "number of seconds")),
+        (("--dimse-timeout", "0"), ("--dimse-timeout", "number of seconds")),
         (("--modality", "ULTRA/SOUND"), ("modality", "'ULTRA/SOUND'")),
     ],
 )
@@ -210,7 +210,13 @@ def test_cli_failure_status_is_not_empty_list(status, json_flag):
         result = run_worklist(port, *json_flag)
 
     assert result.exit_code == 1
-    assert result.stdout == ""
+    if json_flag:
+        data = json.loads(result.stdout)
+        assert data["ok"] is False
+        assert "items" not in data
+        assert f"(status 0x{status:04X})" in data["error"]["summary"]
+    else:
+        assert result.stdout == ""
     assert result.stderr.startswith("worklist unavailable: worklist query failed: ")
     assert f"(status 0x{status:04X})" in result.stderr
 

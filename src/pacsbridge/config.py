@@ -7,10 +7,13 @@ environment variable, or a default:
 - database URL: `PACSBRIDGE_DATABASE_URL`, else the SQLite file
   `<data dir>/pacsbridge.sqlite3`
 - blob directory: always `<data dir>/blobs`
+- outbound bind address: `--bind-address`, `PACSBRIDGE_BIND_ADDRESS`, else
+  none (the operating system chooses the source address)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import tempfile
@@ -25,6 +28,7 @@ LOGGER = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "PACSBRIDGE_DATA_DIR"
 DATABASE_URL_ENV = "PACSBRIDGE_DATABASE_URL"
+BIND_ADDRESS_ENV = "PACSBRIDGE_BIND_ADDRESS"
 DEFAULT_DATA_DIR = Path("pacsbridge-data")
 SQLITE_FILE_NAME = "pacsbridge.sqlite3"
 BLOB_DIR_NAME = "blobs"
@@ -41,6 +45,8 @@ class AppConfig:
     data_dir: Path
     database_url: URL
     blob_dir: Path
+    # Local IP address that outgoing DICOM connections are sent from, or None.
+    bind_address: str | None = None
 
     @property
     def database_url_for_display(self) -> str:
@@ -52,12 +58,14 @@ def load_config(
     data_dir: str | os.PathLike[str] | None = None,
     *,
     database_url: str | None = None,
+    bind_address: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> AppConfig:
     """Resolve the configuration from explicit arguments, then `environ`, then defaults.
 
     Nothing is created on disk, so call `prepare_data_dir` before writing.
-    Raises ConfigError when the database URL cannot be parsed.
+    Raises ConfigError when the database URL cannot be parsed or the bind
+    address is not an IP address.
     """
     env = os.environ if environ is None else environ
 
@@ -72,7 +80,29 @@ def load_config(
     else:
         url = _parse_database_url(database_url)
 
-    return AppConfig(data_dir=resolved_dir, database_url=url, blob_dir=resolved_dir / BLOB_DIR_NAME)
+    if bind_address is None:
+        bind_address = env.get(BIND_ADDRESS_ENV) or None
+    if bind_address is not None:
+        bind_address = check_bind_address(bind_address)
+
+    return AppConfig(
+        data_dir=resolved_dir,
+        database_url=url,
+        blob_dir=resolved_dir / BLOB_DIR_NAME,
+        bind_address=bind_address,
+    )
+
+
+def check_bind_address(text: str) -> str:
+    """Return `text` as a normalized IPv4 or IPv6 address; raise ConfigError when it is not one."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(
+            f"invalid bind address {text!r}: it is not an IPv4 or IPv6 address. Set {BIND_ADDRESS_ENV} "
+            "(or --bind-address) to an address of this machine, such as 192.0.2.10, or unset it to let "
+            "the operating system choose."
+        ) from None
 
 
 def _parse_database_url(text: str) -> URL:

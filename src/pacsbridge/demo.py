@@ -1,9 +1,9 @@
 """The main job end to end on one machine, with sandbox SCPs of our own.
 
-The demo starts a storage SCP and a worklist SCP on free loopback ports,
-stores connections for them, echoes both, takes a patient from the worklist,
-generates a test study for that patient, sends it, and checks that every
-instance arrived intact.
+The demo starts a storage SCP and a worklist SCP on free loopback ports and
+stores connections for them. It echoes both and takes a patient from the
+worklist. Then it generates a test study for that patient, sends it, and
+checks that every instance arrived intact.
 """
 
 from __future__ import annotations
@@ -262,7 +262,8 @@ class Demo:
             return result
         result.store_result = store_instances(Endpoint.from_settings(pacs), instances)
         for outcome in result.store_result.outcomes:
-            report(f"C-STORE {outcome.sop_instance_uid}: {outcome.category.value} ({outcome.meaning})")
+            status = "no response" if outcome.status is None else f"status 0x{outcome.status:04X}"
+            report(f"C-STORE {outcome.sop_instance_uid}: {outcome.meaning} ({status})")
 
         result.arrivals = check_arrivals(result.study_files, self.received_folder, item)
         for arrival in result.arrivals:

@@ -10,4 +10,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Wide enough that option names and their help are not cut off in pipes and CI logs.
+    context_settings={"max_content_width": 120},
 )

@@ -1,5 +1,9 @@
 """`pacsbridge connections`: add, list, show and edit PACS and Modality Worklist connections.
 
+It also runs Echo against a stored connection, pins the SCP certificate of an
+encryption-only connection, and issues, rotates and exports the client
+certificates of SCU authentication.
+
 Invalid settings print one line per problem on stderr, in the form
 "error: <field> <value>: <reason>. <fix>", and exit with status 2 without
 storing anything. Warnings print as "warning: ..." and the connection is saved.
@@ -9,6 +13,7 @@ An unknown connection name exits with status 1.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import enum
 import json
 import logging
@@ -19,17 +24,19 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.cli.app import app
-from pacsbridge.config import DATA_DIR_ENV, ConfigError, load_config
+from pacsbridge.cli.echo_cmd import format_report
+from pacsbridge.config import BIND_ADDRESS_ENV, DATA_DIR_ENV, AppConfig, ConfigError, load_config
 from pacsbridge.connections import (
     ConnectionKind,
     ConnectionSettings,
     InvalidSettingsError,
     Problem,
+    ScuAuthentication,
     Severity,
     TlsMode,
 )
@@ -46,6 +53,22 @@ from pacsbridge.db import (
     to_settings,
     update_connection,
 )
+from pacsbridge.dicomnet.echo import ECHO_WAIT_CAP_SECONDS, EchoReport, echo
+from pacsbridge.db.models import ClientCertificateRecord, ClientCertificateStatus
+from pacsbridge.tls.certificates import CertificateInfo, colon_fingerprint, describe_certificate, write_output_file
+from pacsbridge.tls.client_ca import (
+    DEFAULT_GRACE_DAYS,
+    ClientCertificateError,
+    ClientIdentity,
+    authority_certificate_pem,
+    effective_status,
+    ensure_client_certificate,
+    find_active_certificate,
+    rotate_client_certificate,
+)
+from pacsbridge.tls.endpoints import prepare_client_identity, stored_endpoint
+from pacsbridge.tls.handshake import TlsFailure, probe_tls
+from pacsbridge.tls.secret_key import SecretKey, SecretKeyError, load_secret_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +77,8 @@ EXIT_INVALID = 2
 
 connections_app = typer.Typer(
     name="connections",
-    help="Add, list, show and edit PACS (C-STORE) and Modality Worklist connections.",
+    help="Add, list, show and edit PACS (C-STORE) and Modality Worklist connections, test them with Echo "
+    "and manage their TLS pins and client certificates.",
     no_args_is_help=True,
 )
 app.add_typer(connections_app, name="connections")
@@ -72,6 +96,9 @@ OPTION_NAMES = {
     "tls_mode": "--tls",
     "scp_certificate_pem": "--scp-cert",
     "pinned_fingerprint": "--pinned-fingerprint",
+    "server_name": "--server-name",
+    "check_hostname": "--check-hostname",
+    "legacy_ciphers": "--legacy-ciphers",
     "scu_authentication": "--scu-auth",
     "image_compression": "--image-compression",
     "loop_compression": "--loop-compression",
@@ -144,6 +171,26 @@ PinnedFingerprintOption = Annotated[
         "digits. An empty value removes it.",
     ),
 ]
+ServerNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server-name",
+        metavar="HOST",
+        help="TLS server name to send (SNI) and, with --check-hostname, to check, instead of --host. "
+        "An empty value removes it.",
+    ),
+]
+_CHECK_HOSTNAME_OPTION = typer.Option(
+    "--check-hostname/--no-check-hostname",
+    help="With --tls active: also check that the SCP certificate names --server-name or --host (default: off).",
+)
+_LEGACY_CIPHERS_OPTION = typer.Option(
+    "--legacy-ciphers/--no-legacy-ciphers",
+    help="Also allow CBC cipher suites for old TLS stacks, which is weaker than the default BCP 195 profile "
+    "(default: off).",
+)
+CheckHostnameOption = Annotated[bool, _CHECK_HOSTNAME_OPTION]
+LegacyCiphersOption = Annotated[bool, _LEGACY_CIPHERS_OPTION]
 ScuAuthOption = Annotated[
     str | None,
     typer.Option(
@@ -214,11 +261,19 @@ def _fail(message: str, exit_code: int) -> NoReturn:
     raise typer.Exit(exit_code)
 
 
-@contextlib.contextmanager
-def open_sessions(data_dir: Path | None) -> Iterator[sessionmaker[Session]]:
-    """Open (and migrate) the database of `data_dir`, exiting with status 1 when that fails."""
+def load_config_or_exit(data_dir: Path | None, *, bind_address: str | None = None) -> AppConfig:
+    """Resolve the configuration, exiting with status 1 when it is invalid."""
     try:
-        sessions = open_database(load_config(data_dir))
+        return load_config(data_dir, bind_address=bind_address)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def open_sessions(data_dir: Path | None, *, config: AppConfig | None = None) -> Iterator[sessionmaker[Session]]:
+    """Open (and migrate) the database of `config`, else of `data_dir`, exiting with status 1 when that fails."""
+    try:
+        sessions = open_database(config or load_config(data_dir))
     except (ConfigError, DatabaseError) as exc:
         _fail(str(exc), EXIT_FAILED)
     try:
@@ -309,6 +364,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "connection_timeout": _parse_float,
     "scp_certificate_pem": _read_certificate,
     "pinned_fingerprint": lambda text: text or None,
+    "server_name": lambda text: text or None,
     "worklist_filters": _parse_worklist_filters,
 }
 
@@ -417,21 +473,37 @@ def _address(record: ConnectionRecord) -> str:
     return f"{host}:{record.port}"
 
 
-def _certificate_summaries(pem: str | None) -> list[dict[str, str]]:
+def _scp_certificates(pem: str | None) -> list[CertificateInfo] | None:
+    """Describe each certificate of the stored PEM text, or return None when it cannot be parsed."""
     if not pem:
         return []
     try:
         certificates = x509.load_pem_x509_certificates(pem.encode("ascii", errors="replace"))
     except ValueError:
+        return None
+    return [describe_certificate(certificate) for certificate in certificates]
+
+
+def _certificate_summaries(pem: str | None) -> list[dict[str, object]]:
+    infos = _scp_certificates(pem)
+    if infos is None:
         return [{"error": "the stored certificate cannot be parsed"}]
-    return [
-        {
-            "subject": certificate.subject.rfc4514_string(),
-            "sha256_fingerprint": certificate.fingerprint(hashes.SHA256()).hex(),
-            "not_valid_after": certificate.not_valid_after_utc.isoformat(),
-        }
-        for certificate in certificates
-    ]
+    return [info.as_dict() for info in infos]
+
+
+def _client_certificate_dict(record: ClientCertificateRecord) -> dict[str, object]:
+    info = describe_certificate(x509.load_pem_x509_certificate(record.certificate_pem.encode("ascii")))
+    return {
+        "status": effective_status(record).value,
+        "subject": info.subject,
+        "issuer": info.issuer,
+        "serial": record.serial,
+        "not_before": record.not_before.isoformat(),
+        "not_after": record.not_after.isoformat(),
+        "sha256_fingerprint": record.fingerprint,
+        "retire_after": record.retire_after.isoformat() if record.retire_after else None,
+        "created_at": record.created_at.isoformat(),
+    }
 
 
 def _safe_pem(pem: str | None) -> str | None:
@@ -449,6 +521,9 @@ def connection_to_dict(record: ConnectionRecord) -> dict[str, object]:
         data[field] = value.value if isinstance(value, enum.Enum) else value
     data["scp_certificate_pem"] = _safe_pem(record.scp_certificate_pem)
     data["scp_certificates"] = _certificate_summaries(record.scp_certificate_pem)
+    data["client_certificates"] = [
+        _client_certificate_dict(certificate) for certificate in _newest_first(record.client_certificates)
+    ]
     data["security"] = _security_label(record)
     data["created_at"] = record.created_at.isoformat()
     data["updated_at"] = record.updated_at.isoformat()
@@ -477,21 +552,73 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _certificate_text(summary: Mapping[str, str]) -> str:
-    if "error" in summary:
-        return summary["error"]
-    return (
-        f"{summary['subject']}, SHA-256 {summary['sha256_fingerprint']}, valid until {summary['not_valid_after']}"
-    )
+def _newest_first(records: Sequence[ClientCertificateRecord]) -> list[ClientCertificateRecord]:
+    return sorted(records, key=lambda record: (record.created_at, record.id), reverse=True)
+
+
+def _date(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _expiry_flag(info: CertificateInfo) -> str:
+    if info.expired:
+        return " [EXPIRED]"
+    if info.not_yet_valid:
+        return " [NOT YET VALID]"
+    if info.expires_soon:
+        return f" [EXPIRES IN {info.days_left} DAYS]"
+    return ""
+
+
+def _scp_certificate_lines(pem: str | None) -> list[tuple[str, str]]:
+    infos = _scp_certificates(pem)
+    if infos is None:
+        return [("scp_certificate", "the stored certificate cannot be parsed")]
+    if not infos:
+        return [("scp_certificate", "(none)")]
+    pairs: list[tuple[str, str]] = []
+    for number, info in enumerate(infos, start=1):
+        label = "scp_certificate" if len(infos) == 1 else f"scp_certificate {number}"
+        pairs += [
+            (label, info.subject or "(empty subject)"),
+            ("  issuer", info.issuer or "(empty issuer)"),
+            ("  valid", f"{_date(info.not_before)} to {_date(info.not_after)}{_expiry_flag(info)}"),
+            ("  sha256", info.sha256_fingerprint_colons),
+        ]
+    return pairs
+
+
+def _client_certificate_lines(records: Sequence[ClientCertificateRecord]) -> list[tuple[str, str]]:
+    if not records:
+        return [("client_certificates", "(none)")]
+    pairs: list[tuple[str, str]] = [("client_certificates", str(len(records)))]
+    for record in _newest_first(records):
+        status = effective_status(record)
+        info = describe_certificate(x509.load_pem_x509_certificate(record.certificate_pem.encode("ascii")))
+        state = status.value
+        if status == ClientCertificateStatus.RETIRING and record.retire_after is not None:
+            state += f" until {_date(record.retire_after)}"
+        pairs += [
+            (f"  [{state}]", info.subject),
+            ("    valid", f"{_date(info.not_before)} to {_date(info.not_after)}{_expiry_flag(info)}"),
+            ("    sha256", info.sha256_fingerprint_colons),
+        ]
+    return pairs
+
+
+def _tls_mode_text(record: ConnectionRecord) -> str:
+    if record.tls_mode == TlsMode.INACTIVE:
+        return "unsecured (TLS inactive)"
+    return record.tls_mode.value
+
+
+def _cipher_profile_text(record: ConnectionRecord) -> str:
+    if record.legacy_ciphers:
+        return "legacy: also CBC cipher suites for old TLS stacks (WEAKER than BCP 195)"
+    return "BCP 195 (TLS 1.2 or newer, AEAD cipher suites)"
 
 
 def _show_lines(record: ConnectionRecord) -> list[str]:
-    certificates = _certificate_summaries(record.scp_certificate_pem)
-    if certificates:
-        certificate_text = "; ".join(_certificate_text(summary) for summary in certificates)
-    else:
-        certificate_text = "(none)"
-
     pairs = [
         ("name", record.name),
         ("kind", _kind_description(record.kind)),
@@ -500,10 +627,14 @@ def _show_lines(record: ConnectionRecord) -> list[str]:
         ("calling_ae_title", _quote(record.calling_ae_title)),
         ("called_ae_title", _quote(record.called_ae_title)),
         ("security", _security_description(record)),
-        ("tls_mode", record.tls_mode.value),
-        ("scp_certificate", certificate_text),
-        ("pinned_fingerprint", record.pinned_fingerprint or "(none)"),
+        ("tls_mode", _tls_mode_text(record)),
+        ("cipher_profile", _cipher_profile_text(record)),
+        ("server_name", record.server_name or f"(none: {record.host} is sent)"),
+        ("check_hostname", "yes" if record.check_hostname else "no"),
+        *_scp_certificate_lines(record.scp_certificate_pem),
+        ("pinned_fingerprint", colon_fingerprint(record.pinned_fingerprint) if record.pinned_fingerprint else "(none)"),
         ("scu_authentication", record.scu_authentication.value),
+        *_client_certificate_lines(record.client_certificates),
         ("timezone", record.timezone),
         ("character_set", record.character_set),
         ("image_compression", record.image_compression.value),
@@ -531,6 +662,89 @@ def _echo_json(data: object) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
 
 
+# TLS and client certificates -------------------------------------------------
+
+# Fields whose change can mean that another SCP certificate is presented.
+_PEER_FIELDS = ("host", "port", "tls_mode", "scp_certificate_pem", "server_name")
+
+
+def _uses_client_certificate(record: ConnectionRecord) -> bool:
+    return record.tls_mode != TlsMode.INACTIVE and record.scu_authentication == ScuAuthentication.CLIENT_CERTIFICATE
+
+
+def _secret_key_or_exit() -> SecretKey:
+    try:
+        return load_secret_key()
+    except SecretKeyError as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+def _issue_client_certificate_if_needed(session: Session, record: ConnectionRecord) -> None:
+    """Issue the first client certificate of a connection with SCU authentication.
+
+    A missing PACSBRIDGE_SECRET_KEY only warns, because the connection is
+    valid without it and the certificate can be issued later. A wrong key
+    exits with status 1 and stores nothing.
+    """
+    if not _uses_client_certificate(record) or find_active_certificate(session, record) is not None:
+        return
+    try:
+        secret_key = load_secret_key()
+    except SecretKeyError as exc:
+        typer.echo(f"warning: no client certificate was issued yet: {exc}", err=True)
+        typer.echo(
+            f"Then run 'pacsbridge connections client-cert {_quote(record.name)}' to issue and download it.",
+            err=True,
+        )
+        return
+    try:
+        certificate, _ = ensure_client_certificate(session, record, secret_key)
+    except (SecretKeyError, ClientCertificateError) as exc:
+        _fail(f"{exc}. Nothing was stored.", EXIT_FAILED)
+    typer.echo(
+        f"Issued client certificate SHA-256 {colon_fingerprint(certificate.fingerprint)}, valid until "
+        f"{_date(certificate.not_after)}. Download it with 'pacsbridge connections client-cert "
+        f"{_quote(record.name)}' and give it to the PACS admin."
+    )
+
+
+def _kept_security_notes(
+    before: ConnectionSettings, after: ConnectionSettings, changes: Mapping[str, object]
+) -> list[str]:
+    """Say which pins and certificates an edit kept, so that nothing is kept or cleared unnoticed."""
+    notes: list[str] = []
+    changed = [field for field in _PEER_FIELDS if getattr(before, field) != getattr(after, field)]
+    if after.pinned_fingerprint and changed and "pinned_fingerprint" not in changes:
+        options = ", ".join(OPTION_NAMES[field] for field in changed)
+        notes.append(
+            f"the pinned fingerprint {colon_fingerprint(after.pinned_fingerprint)} was kept although {options} "
+            f"changed. Run 'pacsbridge connections echo {_quote(after.name)}' to check that the SCP still "
+            "presents that certificate, and 'connections confirm-fingerprint' to pin a new one, or remove the pin "
+            "with --pinned-fingerprint ''."
+        )
+    if before.tls_mode != TlsMode.INACTIVE and after.tls_mode == TlsMode.INACTIVE:
+        notes.append(
+            "TLS is now inactive: the SCP certificate, the pinned fingerprint and the client certificates are kept "
+            "but not used until TLS is turned on again."
+        )
+    if (
+        before.scu_authentication == ScuAuthentication.CLIENT_CERTIFICATE
+        and after.scu_authentication != ScuAuthentication.CLIENT_CERTIFICATE
+    ):
+        notes.append(
+            "SCU authentication is now off: the client certificates are kept and used again when it is turned on."
+        )
+    return notes
+
+
+def normalize_fingerprint(text: str) -> str | None:
+    """Return a SHA-256 fingerprint (colon form accepted) as 64 lower-case hex digits, or None when invalid."""
+    compact = "".join(text.split()).replace(":", "").lower()
+    if len(compact) != 64 or any(character not in "0123456789abcdef" for character in compact):
+        return None
+    return compact
+
+
 # Commands -------------------------------------------------------------------
 
 
@@ -550,6 +764,9 @@ def add_command(
     tls: TlsOption = None,
     scp_cert: ScpCertOption = None,
     pinned_fingerprint: PinnedFingerprintOption = None,
+    server_name: ServerNameOption = None,
+    check_hostname: CheckHostnameOption = False,
+    legacy_ciphers: LegacyCiphersOption = False,
     scu_auth: ScuAuthOption = None,
     image_compression: ImageCompressionOption = None,
     loop_compression: LoopCompressionOption = None,
@@ -574,6 +791,9 @@ def add_command(
             "tls_mode": tls,
             "scp_certificate_pem": scp_cert,
             "pinned_fingerprint": pinned_fingerprint,
+            "server_name": server_name,
+            "check_hostname": check_hostname,
+            "legacy_ciphers": legacy_ciphers,
             "scu_authentication": scu_auth,
             "image_compression": image_compression,
             "loop_compression": loop_compression,
@@ -601,6 +821,7 @@ def add_command(
             raise
         _print_problems(report.warnings, labels)
         typer.echo(f"Added connection {_summary(record)}.")
+        _issue_client_certificate_if_needed(session, record)
 
 
 @connections_app.command("edit")
@@ -620,6 +841,9 @@ def edit_command(
     tls: TlsOption = None,
     scp_cert: ScpCertOption = None,
     pinned_fingerprint: PinnedFingerprintOption = None,
+    server_name: ServerNameOption = None,
+    check_hostname: Annotated[bool | None, _CHECK_HOSTNAME_OPTION] = None,
+    legacy_ciphers: Annotated[bool | None, _LEGACY_CIPHERS_OPTION] = None,
     scu_auth: ScuAuthOption = None,
     image_compression: ImageCompressionOption = None,
     loop_compression: LoopCompressionOption = None,
@@ -645,6 +869,9 @@ def edit_command(
             "tls_mode": tls,
             "scp_certificate_pem": scp_cert,
             "pinned_fingerprint": pinned_fingerprint,
+            "server_name": server_name,
+            "check_hostname": check_hostname,
+            "legacy_ciphers": legacy_ciphers,
             "scu_authentication": scu_auth,
             "image_compression": image_compression,
             "loop_compression": loop_compression,
@@ -664,7 +891,8 @@ def edit_command(
             record = get_connection(session, name)
         except ConnectionNotFoundError as exc:
             _fail(str(exc), EXIT_FAILED)
-        merged = to_settings(record).replace(**changes)
+        before = to_settings(record)
+        merged = before.replace(**changes)
         report = check_connection(session, merged, existing=record)
         _exit_if_errors(_collect_problems(option_problems, [], report.problems), labels)
         try:
@@ -674,6 +902,9 @@ def edit_command(
             raise
         _print_problems(report.warnings, labels)
         typer.echo(f"Updated connection {_summary(record)}.")
+        for note in _kept_security_notes(before, to_settings(record), changes):
+            typer.echo(f"note: {note}", err=True)
+        _issue_client_certificate_if_needed(session, record)
 
 
 @connections_app.command("list")
@@ -721,3 +952,267 @@ def show_command(
             return
         for line in _show_lines(record):
             typer.echo(line)
+
+
+BindAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bind-address",
+        metavar="IP",
+        help=f"Local IP address to send from (default: ${BIND_ADDRESS_ENV}, else chosen by the operating system).",
+    ),
+]
+
+
+def _load_for_network(
+    session: Session, name: str, *, with_client_certificate: bool = True
+) -> tuple[ConnectionSettings, ClientIdentity | None]:
+    """Return the settings of connection `name` and its decrypted client certificate, or exit 1 on failure."""
+    try:
+        record = get_connection(session, name)
+    except ConnectionNotFoundError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    settings = to_settings(record)
+    if not with_client_certificate:
+        return settings, None
+    try:
+        return settings, prepare_client_identity(session, record)
+    except (SecretKeyError, ClientCertificateError) as exc:
+        _fail(str(exc), EXIT_FAILED)
+
+
+def _pinning_hint(settings: ConnectionSettings, report: EchoReport) -> str | None:
+    """Tell how to pin the fingerprint that Echo saw, or what to do when it differs from the pin."""
+    if settings.tls_mode != TlsMode.ENCRYPTION_ONLY:
+        return None
+    handshake = next((step for step in report.steps if step.name == "tls-handshake"), None)
+    if handshake is None:
+        return None
+    peer = handshake.data.get("peer_certificate")
+    quoted = _quote(settings.name)
+    if isinstance(peer, dict) and not settings.pinned_fingerprint:
+        fingerprint = str(peer["sha256"])
+        return (
+            f"The SCP certificate is not pinned yet. Its SHA-256 fingerprint is {colon_fingerprint(fingerprint)}. "
+            "Compare it with the fingerprint the PACS admin reads on the SCP, then pin it with:\n"
+            f"  pacsbridge connections confirm-fingerprint {quoted} {fingerprint}"
+        )
+    if "different from the pinned one" in handshake.detail:
+        return (
+            "If the PACS admin confirms that the certificate was replaced, pin the new one with "
+            f"'pacsbridge connections confirm-fingerprint {quoted} FINGERPRINT'."
+        )
+    return None
+
+
+@connections_app.command("echo")
+def echo_command(
+    name: Annotated[str, typer.Argument(help="Name of the connection.")],
+    json_output: JsonOption = False,
+    bind_address: BindAddressOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Test a stored connection with its TLS settings, client certificate and timeouts.
+
+    Exits 0 only when the association was accepted and C-ECHO succeeded. In
+    encryption-only mode without a pin, it prints the SCP certificate's
+    fingerprint and how to confirm it.
+    """
+    config = load_config_or_exit(data_dir, bind_address=bind_address)
+    with open_sessions(data_dir, config=config) as sessions:
+        # The transaction ends before the network I/O, so a slow SCP does not hold a database lock.
+        with sessions.begin() as session:
+            settings, identity = _load_for_network(session, name)
+        with stored_endpoint(settings, identity, bind_address=config.bind_address) as endpoint:
+            report = echo(endpoint)
+    hint = _pinning_hint(settings, report)
+    if json_output:
+        data = report.as_dict()
+        data["connection"] = settings.name
+        data["bind_address"] = config.bind_address
+        if hint is not None:
+            data["hint"] = hint
+        _echo_json(data)
+    else:
+        typer.echo(format_report(report))
+        if hint is not None:
+            typer.echo(hint)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@connections_app.command("confirm-fingerprint")
+def confirm_fingerprint_command(
+    name: Annotated[str, typer.Argument(help="Name of an encryption-only connection.")],
+    fingerprint: Annotated[
+        str,
+        typer.Argument(help="SHA-256 fingerprint of the SCP certificate: 64 hex digits, with or without colons."),
+    ],
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Pin without connecting, when the fingerprint came from the PACS admin."),
+    ] = False,
+    bind_address: BindAddressOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Pin the SCP certificate of an encryption-only connection.
+
+    Unless --offline is given, a TLS handshake checks first that the SCP
+    presents a certificate with this fingerprint right now.
+    """
+    pin = normalize_fingerprint(fingerprint)
+    if pin is None:
+        _fail(
+            f"fingerprint {_quote(fingerprint)} is not a SHA-256 fingerprint. Give the 64 hex digits that "
+            "'pacsbridge connections echo' printed, with or without colons.",
+            EXIT_INVALID,
+        )
+    config = load_config_or_exit(data_dir, bind_address=bind_address)
+    with open_sessions(data_dir, config=config) as sessions:
+        with sessions.begin() as session:
+            settings, identity = _load_for_network(session, name, with_client_certificate=not offline)
+        if settings.tls_mode != TlsMode.ENCRYPTION_ONLY:
+            _fail(
+                f"connection {_quote(settings.name)} has TLS mode {settings.tls_mode.value!r}, and only "
+                "'encryption-only' checks a pinned fingerprint. Use --tls encryption-only, or upload the SCP "
+                "certificate with --scp-cert for TLS mode 'active'.",
+                EXIT_INVALID,
+            )
+        if not offline:
+            seen = _fingerprint_seen_now(settings, identity, config.bind_address)
+            if seen != pin:
+                _fail(
+                    f"the SCP presents a certificate with SHA-256 {colon_fingerprint(seen)} right now, not "
+                    f"{colon_fingerprint(pin)}. Nothing was pinned. Check the fingerprint with the PACS admin.",
+                    EXIT_FAILED,
+                )
+        with sessions.begin() as session:
+            try:
+                update_connection(session, name, pinned_fingerprint=pin)
+            except ConnectionNotFoundError as exc:
+                _fail(str(exc), EXIT_FAILED)
+    previous = f" (replacing {colon_fingerprint(settings.pinned_fingerprint)})" if settings.pinned_fingerprint else ""
+    checked = "without a check against the SCP (--offline)" if offline else "after checking it against the SCP"
+    typer.echo(f"Pinned SHA-256 {colon_fingerprint(pin)} for connection {_quote(settings.name)}{previous}, {checked}.")
+
+
+def _fingerprint_seen_now(settings: ConnectionSettings, identity: ClientIdentity | None, bind_address: str | None) -> str:
+    """Make a TLS handshake with the SCP and return its certificate's fingerprint, or exit 1 on failure."""
+    # Without the old pin, so that a replaced certificate can be confirmed.
+    unpinned = settings.replace(pinned_fingerprint=None)
+    with stored_endpoint(unpinned, identity, bind_address=bind_address) as endpoint:
+        assert endpoint.tls is not None
+        try:
+            result = probe_tls(
+                endpoint.host,
+                endpoint.port,
+                endpoint.tls,
+                timeout=min(endpoint.connection_timeout, ECHO_WAIT_CAP_SECONDS),
+            )
+        except TlsFailure as exc:
+            _fail(f"{exc.failure.summary} {exc.failure.action} Nothing was pinned.", EXIT_FAILED)
+    if result.peer is None:
+        _fail("the SCP presented no certificate during the TLS handshake. Nothing was pinned.", EXIT_FAILED)
+    return result.peer.fingerprint
+
+
+@connections_app.command("rotate-client-cert")
+def rotate_client_cert_command(
+    name: Annotated[str, typer.Argument(help="Name of a connection with SCU authentication.")],
+    grace_days: Annotated[
+        int,
+        typer.Option(
+            "--grace-days",
+            metavar="DAYS",
+            help="Days the previous certificate stays marked as retiring, so that the hospital can switch over. "
+            "0 retires it at once.",
+        ),
+    ] = DEFAULT_GRACE_DAYS,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Issue a new client certificate for sending, and mark the previous one as retiring for the grace period."""
+    with open_sessions(data_dir) as sessions, sessions.begin() as session:
+        try:
+            record = get_connection(session, name)
+        except ConnectionNotFoundError as exc:
+            _fail(str(exc), EXIT_FAILED)
+        if not _uses_client_certificate(record):
+            _fail(
+                f"connection {_quote(record.name)} does not authenticate with a client certificate. Turn it on "
+                f"with 'pacsbridge connections edit {_quote(record.name)} --scu-auth client-certificate' "
+                "(TLS must be active or encryption-only).",
+                EXIT_INVALID,
+            )
+        secret_key = _secret_key_or_exit()
+        try:
+            new, previous = rotate_client_certificate(session, record, secret_key, grace_days=grace_days)
+        except ClientCertificateError as exc:
+            _fail(f"{exc}.", EXIT_INVALID)
+        except SecretKeyError as exc:
+            _fail(str(exc), EXIT_FAILED)
+        typer.echo(
+            f"Issued client certificate SHA-256 {colon_fingerprint(new.fingerprint)}, valid until "
+            f"{_date(new.not_after)}. pacsbridge sends with it from now on."
+        )
+        if previous is None:
+            typer.echo("The connection had no active client certificate before.")
+        elif previous.status == ClientCertificateStatus.RETIRING:
+            assert previous.retire_after is not None
+            typer.echo(
+                f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is retiring until "
+                f"{_date(previous.retire_after)} ({grace_days} days): give the new certificate to the PACS admin "
+                "before then. Download it with "
+                f"'pacsbridge connections client-cert {_quote(record.name)}'."
+            )
+        else:
+            typer.echo(f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is retired.")
+
+
+@connections_app.command("client-cert")
+def client_cert_command(
+    name: Annotated[str, typer.Argument(help="Name of a connection with SCU authentication.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="FILE", help="Write the PEM to FILE (replacing it) instead of printing it."),
+    ] = None,
+    ca: Annotated[
+        bool, typer.Option("--ca", help="Append the organization's CA certificate after the client certificate.")
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Print or write the active client certificate (PEM) for the PACS admin, but never its private key.
+
+    The first certificate is issued now if the connection has none yet.
+    """
+    with open_sessions(data_dir) as sessions, sessions.begin() as session:
+        try:
+            record = get_connection(session, name)
+        except ConnectionNotFoundError as exc:
+            _fail(str(exc), EXIT_FAILED)
+        active = find_active_certificate(session, record)
+        if active is None and _uses_client_certificate(record):
+            try:
+                active, _ = ensure_client_certificate(session, record, _secret_key_or_exit())
+            except (SecretKeyError, ClientCertificateError) as exc:
+                _fail(str(exc), EXIT_FAILED)
+        if active is None:
+            _fail(
+                f"connection {_quote(record.name)} has no client certificate. Turn on SCU authentication with "
+                f"'pacsbridge connections edit {_quote(record.name)} --scu-auth client-certificate' "
+                "(TLS must be active or encryption-only).",
+                EXIT_FAILED,
+            )
+        pem = active.certificate_pem
+        if ca:
+            ca_pem = authority_certificate_pem(session, record)
+            assert ca_pem is not None, "an issued client certificate implies its CA"
+            pem += ca_pem
+    if out is None:
+        typer.echo(pem, nl=False)
+        return
+    try:
+        write_output_file(out, pem.encode("ascii"), mode=0o644, overwrite=True)
+    except OSError as exc:
+        _fail(f"cannot write {str(out)!r} ({exc.strerror or exc}). Choose another --out file.", EXIT_FAILED)
+    contents = "client certificate and CA certificate" if ca else "client certificate"
+    typer.echo(f"Wrote the {contents} (SHA-256 {colon_fingerprint(active.fingerprint)}) to {out}.", err=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -58,15 +59,18 @@ def demo_command(
 
 
 def _serve_until_interrupted(demo: Demo) -> None:
+    # Show the command as it was started (such as .venv/bin/pacsbridge), so the
+    # examples work without an activated virtual environment.
+    command = sys.argv[0] if Path(sys.argv[0]).name == "pacsbridge" else "pacsbridge"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     typer.echo(
         "\nThe sandbox SCPs keep running; press Ctrl+C to stop. Try for example:\n"
-        f"  pacsbridge echo 127.0.0.1 {demo.storage.port} --calling-aet {CALLING_AE_TITLE} "
+        f"  {command} echo 127.0.0.1 {demo.storage.port} --calling-aet {CALLING_AE_TITLE} "
         f"--called-aet {demo.storage.ae_title}\n"
-        f"  pacsbridge worklist 127.0.0.1 {demo.worklist.port} --calling-aet {CALLING_AE_TITLE} "
+        f"  {command} worklist 127.0.0.1 {demo.worklist.port} --calling-aet {CALLING_AE_TITLE} "
         f"--called-aet {demo.worklist.ae_title}\n"
-        f"  pacsbridge store 127.0.0.1 {demo.storage.port} {demo.config.data_dir / 'test-study'} "
+        f"  {command} store 127.0.0.1 {demo.storage.port} {demo.config.data_dir / 'test-study'} "
         f"--calling-aet {CALLING_AE_TITLE} --called-aet {demo.storage.ae_title}"
     )
     try:

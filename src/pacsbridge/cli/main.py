@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Importing a command module registers its commands on `app`.
 from pacsbridge.cli import (  # noqa: F401
+    certs_cmd,
     connections_cmd,
     demo_cmd,
     echo_cmd,
+    secret_cmd,
     store_cmd,
     test_images_cmd,
     worklist_cmd,
@@ -18,7 +21,13 @@ from pacsbridge.observe.logging import configure_logging
 
 
 def main() -> None:
-    configure_logging(os.environ.get("PACSBRIDGE_LOG_LEVEL", "WARNING"))
+    # A one-shot command prints its own messages; the log adds to them only
+    # when asked, so the default level is ERROR.
+    try:
+        configure_logging(os.environ.get("PACSBRIDGE_LOG_LEVEL", "ERROR"))
+    except ValueError as exc:
+        print(f"error: PACSBRIDGE_LOG_LEVEL: {exc}.", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

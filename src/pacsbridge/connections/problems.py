@@ -31,7 +31,9 @@ class Problem:
 
     @property
     def message(self) -> str:
-        return f"{self.field} {self.value!r} {self.reason}. {self.fix}"
+        # Strings are quoted as typed; repr() would double every backslash.
+        shown = f"'{self.value}'" if isinstance(self.value, str) else repr(self.value)
+        return f"{self.field} {shown} {self.reason}. {self.fix}"
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -1,6 +1,6 @@
 """Connection settings for a PACS/VNA (storage SCP) or a Modality Worklist SCP.
 
-`ConnectionSettings` holds every field an admin sets; `validate_settings` checks
+`ConnectionSettings` contains every field an admin sets; `validate_settings` checks
 them all at once and returns the problems it found, each naming the field, the
 value and the fix. Nothing is stored until `ValidationReport.ok` is true.
 """
@@ -69,6 +69,12 @@ class ConnectionSettings:
     scp_certificate_pem: str | None = None
     # SHA-256 of the SCP certificate confirmed in encryption-only mode, hex.
     pinned_fingerprint: str | None = None
+    # TLS server name (SNI) to send and, with check_hostname, to check, instead of `host`.
+    server_name: str | None = None
+    # In active mode, also check that the SCP certificate names `server_name` or `host`.
+    check_hostname: bool = False
+    # Allow CBC cipher suites for old TLS stacks (weaker than the BCP 195 profile).
+    legacy_ciphers: bool = False
     scu_authentication: ScuAuthentication = ScuAuthentication.ANONYMOUS
     image_compression: Compression = Compression.AS_RECEIVED
     loop_compression: Compression = Compression.AS_RECEIVED
@@ -93,12 +99,12 @@ _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
-def check_host(host: str) -> list[Problem]:
+def check_host(host: str, field_name: str = "host") -> list[Problem]:
     """Check that `host` is an IPv4/IPv6 address or an RFC 1123 host name."""
     if not host or not host.strip():
-        return [Problem.error("host", host, "is empty", "Enter the host name or IP address of the SCP.")]
+        return [Problem.error(field_name, host, "is empty", "Enter the host name or IP address of the SCP.")]
     if host != host.strip():
-        return [Problem.error("host", host, "has leading or trailing spaces", "Remove the spaces.")]
+        return [Problem.error(field_name, host, "has leading or trailing spaces", "Remove the spaces.")]
     try:
         ipaddress.ip_address(host.strip("[]"))
         return []
@@ -111,7 +117,7 @@ def check_host(host: str) -> list[Problem]:
     if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels) or labels[-1].isdigit():
         return [
             Problem.error(
-                "host",
+                field_name,
                 host,
                 "is neither an IP address nor a valid host name",
                 "Use an IPv4 or IPv6 address, or a host name made of letters, digits, hyphens and dots.",
@@ -188,6 +194,11 @@ def _check_tls(settings: ConnectionSettings) -> list[Problem]:
                 "Upload the SCP's certificate (PEM or Base64 .cer), or choose TLS mode 'encryption-only'.",
             )
         )
+    if settings.server_name is not None:
+        problems += check_host(settings.server_name, "server_name")
+    problems += _check_flag("check_hostname", settings.check_hostname)
+    problems += _check_flag("legacy_ciphers", settings.legacy_ciphers)
+    problems += _check_tls_options_used(settings)
     if settings.pinned_fingerprint is not None and not _FINGERPRINT.match(settings.pinned_fingerprint):
         problems.append(
             Problem.error(
@@ -195,6 +206,48 @@ def _check_tls(settings: ConnectionSettings) -> list[Problem]:
                 settings.pinned_fingerprint,
                 "is not a SHA-256 fingerprint",
                 "Use the 64 lower-case hex digits that Echo reported, without colons.",
+            )
+        )
+    return problems
+
+
+def _check_flag(field_name: str, value: object) -> list[Problem]:
+    if not isinstance(value, bool):
+        return [Problem.error(field_name, value, "is not true or false", "Use true or false.")]
+    return []
+
+
+def _check_tls_options_used(settings: ConnectionSettings) -> list[Problem]:
+    """Warn about TLS options that the chosen TLS mode ignores, so that no admin relies on them."""
+    problems: list[Problem] = []
+    if settings.tls_mode == TlsMode.INACTIVE:
+        ignored = [
+            name
+            for name, value in (
+                ("server_name", settings.server_name),
+                ("check_hostname", settings.check_hostname is True),
+                ("legacy_ciphers", settings.legacy_ciphers is True),
+            )
+            if value
+        ]
+        if settings.scu_authentication == ScuAuthentication.CLIENT_CERTIFICATE:
+            ignored.append("scu_authentication")
+        for name in ignored:
+            problems.append(
+                Problem.warning(
+                    name,
+                    getattr(settings, name),
+                    "has no effect while TLS is inactive",
+                    "Choose TLS mode 'active' or 'encryption-only' to use it.",
+                )
+            )
+    elif settings.tls_mode == TlsMode.ENCRYPTION_ONLY and settings.check_hostname is True:
+        problems.append(
+            Problem.warning(
+                "check_hostname",
+                True,
+                "has no effect in TLS mode 'encryption-only', which checks the pinned fingerprint instead",
+                "Choose TLS mode 'active' to check the host name against the SCP certificate.",
             )
         )
     return problems

@@ -172,6 +172,9 @@ class ConnectionRecord(Base):
     tls_mode: Mapped[TlsMode] = mapped_column(StrEnumType(TlsMode))
     scp_certificate_pem: Mapped[str | None] = mapped_column(Text)
     pinned_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    server_name: Mapped[str | None] = mapped_column(String(255))
+    check_hostname: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    legacy_ciphers: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     scu_authentication: Mapped[ScuAuthentication] = mapped_column(StrEnumType(ScuAuthentication))
     image_compression: Mapped[Compression] = mapped_column(StrEnumType(Compression))
     loop_compression: Mapped[Compression] = mapped_column(StrEnumType(Compression))
@@ -185,6 +188,82 @@ class ConnectionRecord(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utc_now)
 
     organization: Mapped[Organization] = relationship(back_populates="connections")
+    client_certificates: Mapped[list[ClientCertificateRecord]] = relationship(
+        back_populates="connection", cascade="all, delete-orphan", passive_deletes=True
+    )
 
     def __repr__(self) -> str:
         return f"ConnectionRecord(id={self.id!r}, kind={self.kind!r})"
+
+
+class ClientCertificateStatus(enum.StrEnum):
+    """Life cycle of a client certificate: the active one is sent, a retiring one stays valid until retire_after."""
+
+    ACTIVE = "active"
+    RETIRING = "retiring"
+    RETIRED = "retired"
+
+
+class CertificateAuthorityRecord(Base):
+    """The certificate authority of one organization, which issues its SCU client certificates.
+
+    `encrypted_private_key` is the PEM key encrypted with PACSBRIDGE_SECRET_KEY
+    (see pacsbridge.tls.secret_key), never the key itself.
+    """
+
+    __tablename__ = "certificate_authorities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(
+        ForeignKey("organizations.id", ondelete="RESTRICT"), unique=True
+    )
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    encrypted_private_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utc_now)
+
+    organization: Mapped[Organization] = relationship()
+
+    def __repr__(self) -> str:
+        return f"CertificateAuthorityRecord(id={self.id!r}, organization_id={self.organization_id!r})"
+
+
+class ClientCertificateRecord(Base):
+    """A client certificate that pacsbridge presents to the SCP of one connection (SCU authentication).
+
+    `encrypted_private_key` is encrypted as in CertificateAuthorityRecord.
+    `serial` is the certificate serial number in lower-case hex, `fingerprint`
+    the SHA-256 of the DER certificate in lower-case hex. `retire_after` is set
+    for a retiring certificate: the end of its grace period.
+    """
+
+    __tablename__ = "client_certificates"
+    __table_args__ = (
+        CheckConstraint(_in_values("status", ClientCertificateStatus), name="status"),
+        UniqueConstraint("fingerprint"),
+        Index("ix_client_certificates_connection_id", "connection_id"),
+        # pacsbridge sends with one certificate per connection at a time.
+        Index(
+            "uq_client_certificates_one_active_per_connection",
+            "connection_id",
+            unique=True,
+            sqlite_where=text("status = 'active'"),
+            postgresql_where=text("status = 'active'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection_id: Mapped[int] = mapped_column(ForeignKey("connections.id", ondelete="CASCADE"))
+    certificate_pem: Mapped[str] = mapped_column(Text)
+    encrypted_private_key: Mapped[str] = mapped_column(Text)
+    serial: Mapped[str] = mapped_column(String(64))
+    not_before: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    not_after: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[ClientCertificateStatus] = mapped_column(StrEnumType(ClientCertificateStatus))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utc_now)
+    retire_after: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+
+    connection: Mapped[ConnectionRecord] = relationship(back_populates="client_certificates")
+
+    def __repr__(self) -> str:
+        return f"ClientCertificateRecord(id={self.id!r}, status={self.status!r})"

@@ -64,7 +64,11 @@ def _check_elements(ds: Dataset) -> None:
     try:
         ds.walk(lambda dataset, element: None)
     except (NotImplementedError, ValueError, KeyError, TypeError, OverflowError) as exc:
-        raise UnreadableFileError(f"the file contains a malformed data element: {exc}") from None
+        # pydicom puts a traceback into some messages; its last line is the reason.
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UnreadableFileError(
+            f"the file contains a malformed data element ({reason}); export it again from its source"
+        ) from None
 
 
 def inspect_file(path: Path) -> InstanceFile:
@@ -81,7 +85,9 @@ def inspect_file(path: Path) -> InstanceFile:
             "export it from the modality or PACS as a DICOM file"
         ) from None
     except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise UnreadableFileError(f"not readable as DICOM: {exc}") from None
+        raise UnreadableFileError(
+            f"not readable as DICOM ({exc}); the file is damaged or not DICOM: export it again from its source"
+        ) from None
 
     truncation = [str(w.message) for w in caught if "End of file" in str(w.message)]
     if truncation or len(ds) == 0:
@@ -103,7 +109,14 @@ def inspect_file(path: Path) -> InstanceFile:
         expected = _native_pixel_length(ds)
         actual = len(ds.PixelData)
         if expected is None:
-            raise UnreadableFileError("the image pixel description (Rows, Columns, Bits Allocated...) is invalid")
+            values = ", ".join(
+                f"{keyword} {ds.get(keyword)!r}"
+                for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
+                if keyword in ds
+            )
+            raise UnreadableFileError(
+                f"the image pixel description is invalid ({values}); export the image again from its source"
+            )
         if actual < expected:
             raise UnreadableFileError(
                 f"the pixel data is truncated: {actual} bytes, {expected} expected from Rows, Columns, "
@@ -120,6 +133,14 @@ def inspect_file(path: Path) -> InstanceFile:
         transfer_syntax_uid=str(syntax),
         number_of_frames=frames,
     )
+
+
+def find_duplicate_uids(instances: Iterable[InstanceFile]) -> dict[str, list[Path]]:
+    """Return the SOP Instance UIDs carried by more than one file, with those files."""
+    paths: dict[str, list[Path]] = {}
+    for instance in instances:
+        paths.setdefault(instance.sop_instance_uid, []).append(instance.path)
+    return {uid: files for uid, files in paths.items() if len(files) > 1}
 
 
 def collect_instances(paths: Iterable[Path]) -> tuple[list[InstanceFile], list[RejectedFile]]:
