@@ -199,7 +199,6 @@ def test_no_common_cipher(tmp_path, pki):
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers("AES128-SHA256")
     context.load_cert_chain(rsa_server, key)
-    import socket
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
