@@ -7,13 +7,17 @@ import sys
 
 # Importing a command module registers its commands on `app`.
 from pacsbridge.cli import (  # noqa: F401
+    archives_cmd,
     certs_cmd,
     connections_cmd,
+    deliveries_cmd,
     demo_cmd,
     echo_cmd,
     secret_cmd,
     store_cmd,
     test_images_cmd,
+    upload_cmd,
+    worker_cmd,
     worklist_cmd,
 )
 from pacsbridge.cli.app import app

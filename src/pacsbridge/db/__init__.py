@@ -14,6 +14,7 @@ from pacsbridge.db.connections import (
     to_settings,
     update_connection,
 )
+from pacsbridge.db import forwarding  # noqa: F401  (registers the forwarding tables on Base.metadata)
 from pacsbridge.db.engine import DatabaseError, create_database_engine
 from pacsbridge.db.models import Base, ConnectionRecord, Organization
 from pacsbridge.db.schema import alembic_config, current_revision, downgrade, head_revision, migrate
