@@ -200,19 +200,14 @@ def read_scp_certificate(path: Path) -> str:
 
 def announce_encryption_only_peer(endpoint: Endpoint) -> None:
     """Print the fingerprint of the SCP's certificate in encryption-only mode; exit 1 if TLS fails."""
+    from pacsbridge.dicomnet.association import probe_endpoint_tls
     from pacsbridge.tls.certificates import colon_fingerprint
-    from pacsbridge.tls.handshake import TlsFailure, probe_tls
+    from pacsbridge.tls.handshake import TlsFailure
 
     if endpoint.tls is None or endpoint.tls.mode != TlsMode.ENCRYPTION_ONLY:
         return
     try:
-        result = probe_tls(
-            endpoint.host,
-            endpoint.port,
-            endpoint.tls,
-            timeout=endpoint.connection_timeout,
-            bind_address=endpoint.bind_address,
-        )
+        result = probe_endpoint_tls(endpoint)
     except TlsFailure as exc:
         fail(f"error: {exc.failure.summary} {exc.failure.action}")
     if result.peer is not None:

@@ -53,6 +53,7 @@ from pacsbridge.db import (
     to_settings,
     update_connection,
 )
+from pacsbridge.dicomnet.association import probe_endpoint_tls
 from pacsbridge.dicomnet.echo import ECHO_WAIT_CAP_SECONDS, EchoReport, echo
 from pacsbridge.db.models import ClientCertificateRecord, ClientCertificateStatus
 from pacsbridge.tls.certificates import CertificateInfo, colon_fingerprint, describe_certificate, write_output_file
@@ -67,7 +68,7 @@ from pacsbridge.tls.client_ca import (
     rotate_client_certificate,
 )
 from pacsbridge.tls.endpoints import prepare_client_identity, stored_endpoint
-from pacsbridge.tls.handshake import TlsFailure, probe_tls
+from pacsbridge.tls.handshake import TlsFailure
 from pacsbridge.tls.secret_key import SecretKey, SecretKeyError, load_secret_key
 
 LOGGER = logging.getLogger(__name__)
@@ -1103,12 +1104,7 @@ def _fingerprint_seen_now(settings: ConnectionSettings, identity: ClientIdentity
     with stored_endpoint(unpinned, identity, bind_address=bind_address) as endpoint:
         assert endpoint.tls is not None
         try:
-            result = probe_tls(
-                endpoint.host,
-                endpoint.port,
-                endpoint.tls,
-                timeout=min(endpoint.connection_timeout, ECHO_WAIT_CAP_SECONDS),
-            )
+            result = probe_endpoint_tls(endpoint.capped(ECHO_WAIT_CAP_SECONDS))
         except TlsFailure as exc:
             _fail(f"{exc.failure.summary} {exc.failure.action} Nothing was pinned.", EXIT_FAILED)
     if result.peer is None:

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pynetdicom import AE, Association, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -29,6 +30,7 @@ from pacsbridge.dicomnet.failures import (
     decode_rejection,
     decode_socket_error,
 )
+
 from pacsbridge.tls.context import (
     TlsConfigurationError,
     TlsMode,
@@ -36,6 +38,9 @@ from pacsbridge.tls.context import (
     build_client_context,
     sha256_fingerprint,
 )
+
+if TYPE_CHECKING:
+    from pacsbridge.tls.handshake import HandshakeResult
 
 LOGGER = logging.getLogger(__name__)
 
@@ -227,18 +232,26 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
     )
 
 
-def _diagnose_tls(endpoint: Endpoint) -> Failure:
-    from pacsbridge.tls.handshake import TlsFailure, probe_tls
+def probe_endpoint_tls(endpoint: Endpoint) -> HandshakeResult:
+    """Make a separate TLS handshake with `endpoint` from its bind address; raise TlsFailure with the reason."""
+    from pacsbridge.tls.handshake import probe_tls
 
-    assert endpoint.tls is not None
+    if endpoint.tls is None:
+        raise ValueError(f"{endpoint.address} has TLS inactive: there is no handshake to probe")
+    return probe_tls(
+        endpoint.host,
+        endpoint.port,
+        endpoint.tls,
+        timeout=endpoint.connection_timeout,
+        bind_address=endpoint.bind_address,
+    )
+
+
+def _diagnose_tls(endpoint: Endpoint) -> Failure:
+    from pacsbridge.tls.handshake import TlsFailure
+
     try:
-        probe_tls(
-            endpoint.host,
-            endpoint.port,
-            endpoint.tls,
-            timeout=endpoint.connection_timeout,
-            bind_address=endpoint.bind_address,
-        )
+        probe_endpoint_tls(endpoint)
     except TlsFailure as exc:
         return exc.failure
     return Failure(

@@ -17,12 +17,17 @@ from dataclasses import dataclass, field
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from pacsbridge.dicomnet.association import Endpoint, open_association, probe_tcp
+from pacsbridge.dicomnet.association import (
+    Endpoint,
+    open_association,
+    probe_endpoint_tls,
+    probe_tcp,
+)
 from pacsbridge.dicomnet.failures import DicomNetworkError, Failure, FailureKind
 from pacsbridge.dicomnet.status import describe_status
 from pacsbridge.tls.certificates import colon_fingerprint
 from pacsbridge.tls.context import TlsConfigurationError, TlsMode
-from pacsbridge.tls.handshake import TlsFailure, probe_tls
+from pacsbridge.tls.handshake import TlsFailure
 
 # Certificates that expire within this time are flagged.
 EXPIRY_WARNING = datetime.timedelta(days=30)
@@ -140,13 +145,7 @@ def _tls_step(endpoint: Endpoint) -> EchoStep:
     assert endpoint.tls is not None
     timer = _StepTimer()
     try:
-        result = probe_tls(
-            endpoint.host,
-            endpoint.port,
-            endpoint.tls,
-            timeout=endpoint.connection_timeout,
-            bind_address=endpoint.bind_address,
-        )
+        result = probe_endpoint_tls(endpoint)
     except TlsConfigurationError as exc:
         failure = Failure(FailureKind.TLS, f"TLS is not set up correctly: {exc}.", "Fix the TLS settings.", False)
         return _failed_step("tls-handshake", "TLS handshake", timer, failure)
