@@ -108,7 +108,9 @@ def test_untrusted_certificate(start_storescp, pki):
     scp = tls_scp(start_storescp, pki["server"])
     report = echo(endpoint(scp.port, TlsSettings(TlsMode.ACTIVE, scp_certificate_pem=pki["other"].pem)))
     assert not report.ok
-    assert "untrusted" in steps(report)["tls-handshake"].detail
+    detail = steps(report)["tls-handshake"].detail
+    assert "untrusted" in detail
+    assert "The SCP presents: subject CN=pacs.hospital.test" in detail
 
 
 def test_expired_certificate(start_storescp, pki):
@@ -131,7 +133,9 @@ def test_hostname_check_is_optional(start_storescp, pki):
     scp = tls_scp(start_storescp, pki["server"])
     strict = TlsSettings(TlsMode.ACTIVE, scp_certificate_pem=pki["server"].pem, check_hostname=True, server_name="pacs.internal")
     report = echo(endpoint(scp.port, strict))
-    assert "does not name the host" in steps(report)["tls-handshake"].detail
+    detail = steps(report)["tls-handshake"].detail
+    assert "does not name pacs.internal" in detail
+    assert "names localhost, 127.0.0.1" in detail
     fixed = TlsSettings(TlsMode.ACTIVE, scp_certificate_pem=pki["server"].pem, check_hostname=True, server_name="localhost")
     assert echo(endpoint(scp.port, fixed)).ok
 
@@ -182,7 +186,8 @@ def test_plain_to_tls_port_suggests_tls(start_storescp, pki):
     assert not report.ok
     association = steps(report)["association"]
     assert association.outcome == Outcome.FAILED
-    assert "TLS" in association.action
+    assert "expects DICOM-TLS" in association.detail
+    assert "--tls" in association.action
 
 
 def test_no_common_cipher(tmp_path, pki):

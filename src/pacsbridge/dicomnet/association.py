@@ -203,6 +203,14 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
             "Check the host, the port and the network path.",
             transient=True,
         )
+    if endpoint.tls is None and assoc.acceptor.primitive is None and _speaks_tls(endpoint):
+        return Failure(
+            FailureKind.TLS,
+            f"The SCP at {endpoint.host} port {endpoint.port} expects DICOM-TLS, and this connection uses plain DICOM.",
+            "Turn TLS on for this connection: --tls active with --scp-cert FILE, or --tls encryption-only "
+            "to see the SCP's certificate first.",
+            transient=False,
+        )
     if watcher.abort is not None:
         if isinstance(watcher.abort, A_P_ABORT):
             return decode_abort(None, watcher.abort.provider_reason)
@@ -230,6 +238,19 @@ def _diagnose(assoc: Association, watcher: _AssociationWatcher, endpoint: Endpoi
         "Check that the port belongs to a DICOM service and whether it expects TLS.",
         transient=True,
     )
+
+
+def _speaks_tls(endpoint: Endpoint) -> bool:
+    """Tell whether a TLS handshake succeeds at `endpoint`, to explain a plain association that broke off."""
+    from pacsbridge.tls.handshake import TlsFailure
+
+    try:
+        probe_endpoint_tls(
+            dataclasses.replace(endpoint, tls=TlsSettings(TlsMode.ENCRYPTION_ONLY)).capped(5.0)
+        )
+    except (TlsFailure, OSError):
+        return False
+    return True
 
 
 def probe_endpoint_tls(endpoint: Endpoint) -> HandshakeResult:

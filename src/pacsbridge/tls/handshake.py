@@ -102,14 +102,15 @@ def classify_tls_error(exc: BaseException, *, settings: TlsSettings, certificate
     ):
         return _failure(
             "The SCP requires a client certificate, and none is configured.",
-            "Turn on SCU authentication for this connection and give the hospital our client certificate, "
-            "or pass --client-cert FILE --client-key FILE.",
+            "Turn on SCU authentication for this connection and give the hospital the organization's CA "
+            "certificate (pacsbridge connections client-cert NAME --ca), or pass --client-cert FILE --client-key FILE.",
         )
     if "bad certificate" in text or "unknown ca" in text or "certificate unknown" in text:
         return _failure(
             "The SCP did not accept our client certificate.",
-            "Give the hospital our client certificate (the certificate only, never the key) to add to "
-            "the SCP's trusted certificates.",
+            "Give the hospital the certificate that issued it, to add to the SCP's trusted certificates: for "
+            "certificates pacsbridge issued, the organization's CA certificate "
+            "(pacsbridge connections client-cert NAME --ca). Never send the private key.",
         )
     if isinstance(exc, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
         if "expired" in text:
@@ -123,9 +124,11 @@ def classify_tls_error(exc: BaseException, *, settings: TlsSettings, certificate
                 "Compare the certificate's start date with the current time on both sides.",
             )
         if "hostname mismatch" in text or "ip address mismatch" in text:
+            expected = settings.server_name or "the host"
             return _failure(
-                "The SCP's certificate does not name the host we connect to.",
-                "Turn host name checking off, or set the server name to the name in the certificate.",
+                f"The SCP's certificate does not name {expected}, which host name checking expects.",
+                "Set the server name to a name in the certificate, or turn host name checking off "
+                "(the uploaded certificate is still verified).",
             )
         return _failure(
             "The SCP's certificate is not the uploaded one, nor signed by it (untrusted).",
@@ -183,6 +186,42 @@ def _closed_after_certificate_request(settings: TlsSettings) -> Failure:
     return classify_tls_error(ssl.SSLError("bad certificate"), settings=settings, certificate_requested=True)
 
 
+def _with_presented_certificate(
+    failure: Failure, host: str, port: int, server_name: str, timeout: float, bind_address: str | None
+) -> Failure:
+    """Add the certificate the SCP presents to a verification failure, so the admin can compare it."""
+    context = build_client_context(TlsSettings(TlsMode.ENCRYPTION_ONLY))
+    source = (bind_address, 0) if bind_address else None
+    try:
+        with socket.create_connection((host, port), timeout=timeout, source_address=source) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (ssl.SSLError, OSError):
+        return failure
+    if not der:
+        return failure
+    peer = PeerCertificate.from_der(der)
+    names = _certificate_names(der)
+    presented = (
+        f" The SCP presents: subject {peer.subject}, issuer {peer.issuer}, valid until "
+        f"{peer.not_after:%Y-%m-%d}, SHA-256 {colon_fingerprint(peer.fingerprint)}"
+        + (f", names {', '.join(names)}" if names else "")
+        + "."
+    )
+    return Failure(failure.kind, failure.summary + presented, failure.action, failure.transient, failure.codes)
+
+
+def _certificate_names(der: bytes) -> list[str]:
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        extension = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    names = extension.value.get_values_for_type(x509.DNSName)
+    names += [str(address) for address in extension.value.get_values_for_type(x509.IPAddress)]
+    return names
+
+
 def probe_tls(
     host: str,
     port: int,
@@ -226,7 +265,10 @@ def probe_tls(
                 except (TimeoutError, socket.timeout):
                     pass
     except (ssl.SSLError, OSError) as exc:
-        raise TlsFailure(classify_tls_error(exc, settings=settings, certificate_requested=bool(requested))) from None
+        failure = classify_tls_error(exc, settings=settings, certificate_requested=bool(requested))
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            failure = _with_presented_certificate(failure, host, port, server_name, timeout, bind_address)
+        raise TlsFailure(failure) from None
     finally:
         raw.close()
 
