@@ -182,7 +182,6 @@ def test_create_rejects_missing_password_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        (["--days", "0"], "validity of 0 days is not positive"),
         (["--san", "bad name"], "neither an IP address nor a valid DNS name"),
         (["--cn", "Ultrasound cart 3"], "cannot be the default subjectAltName"),
         (["--cn", ""], "common name is empty"),
@@ -359,8 +358,8 @@ def test_show_pem(tmp_path: Path) -> None:
     assert f"{path}: 1 certificate(s), PEM" in result.stdout
     assert "subject: CN=pacs.hospital.test" in result.stdout
     assert certificate.fingerprint(hashes.SHA256()).hex().upper()[:2] + ":" in result.stdout
-    # Created just now with 365 days of validity, so 364 whole days and a fraction are left.
-    assert "status: valid, 364 days left" in result.stdout
+    # Created just now with 365 days of validity: 364 days and a fraction, rounded up.
+    assert "status: valid, 365 days left" in result.stdout
 
 
 def test_show_der_reports_conversion(tmp_path: Path) -> None:
@@ -400,8 +399,8 @@ def test_show_expired(tmp_path: Path) -> None:
 
 def test_show_expiring_in_ten_days(tmp_path: Path) -> None:
     path = tmp_path / "soon.pem"
-    # Half a day of margin keeps the whole days left at 10 while the test runs.
-    write_certificate(path, days=365, age=dt.timedelta(days=355, hours=-12))
+    # 9.5 days left, rounded up to 10, with half a day of margin while the test runs.
+    write_certificate(path, days=365, age=dt.timedelta(days=355, hours=12))
 
     result = run("show", str(path))
 
@@ -449,7 +448,10 @@ def test_show_rejects_private_key(tmp_path: Path) -> None:
     result = run("show", str(path))
 
     assert result.exit_code == 2
-    assert f"error: {path}: contains a private key, which must stay on the hospital side" in result.stderr
+    assert f"error: {path}: contains a private key, which 'certs show' does not display, and no certificate" in (
+        result.stderr
+    )
+    assert "hospital side" not in result.stderr
     assert key_line not in result.output
     assert key_line[:12] not in result.output
 
@@ -502,3 +504,72 @@ def test_certs_in_subprocess(tmp_path: Path) -> None:
     assert show_result.returncode == 0, show_result.stderr
     fingerprint = load_certificate(outdir / "cert.pem").fingerprint(hashes.SHA256()).hex()
     assert json.loads(show_result.stdout)["certificates"][0]["sha256_fingerprint"] == fingerprint
+
+
+def test_create_rejects_zero_days_naming_option(tmp_path: Path) -> None:
+    outdir = tmp_path / "tls"
+
+    result = run("create", str(outdir), "--days", "0")
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --days 0: is not a positive number of days")
+    assert not outdir.exists()
+
+
+def test_self_signed_rejects_too_many_days(tmp_path: Path) -> None:
+    key_path = tmp_path / "key.pem"
+    key_path.write_bytes(private_key_pem(generate_private_key(ec=True)))
+
+    result = run("self-signed", str(tmp_path / "cert.pem"), "--key", str(key_path), "--days", "3000000")
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --days 3000000: ends the validity after the year 9999")
+    assert not (tmp_path / "cert.pem").exists()
+
+
+def test_create_ten_days_shows_ten(tmp_path: Path) -> None:
+    result = run("create", str(tmp_path / "tls"), "--ec", "--days", "10")
+
+    assert result.exit_code == 0, result.output
+    assert "status: EXPIRES SOON, in 10 days on " in result.stdout
+
+
+def test_show_combined_certificate_and_key(tmp_path: Path) -> None:
+    key = generate_private_key(ec=True)
+    certificate = self_sign(key, "pacs.hospital.test", days=365)
+    path = tmp_path / "haproxy.pem"
+    pem = certificate_pem(certificate) + private_key_pem(key)
+    path.write_bytes(pem)
+    key_line = private_key_pem(key).decode("ascii").splitlines()[1]
+
+    result = run("show", str(path))
+    as_json = run("show", str(path), "--json")
+
+    assert result.exit_code == 0, result.output
+    assert f"{path}: 1 certificate(s), PEM" in result.stdout
+    assert "subject: CN=pacs.hospital.test" in result.stdout
+    assert f"note: {path} contains a private key, which 'certs show' does not display." in result.stderr
+    assert "hospital side" not in result.output
+    assert key_line not in result.output
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout)["contains_private_key"] is True
+
+
+def test_show_plain_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("Certificate of the PACS: ask Dr. Weber, room 12!\n")
+
+    result = run("show", str(path))
+
+    assert result.exit_code == 2
+    assert f"error: {path}: is not a certificate: no PEM block and not Base64." in result.stderr
+
+
+def test_show_random_bytes_message(tmp_path: Path) -> None:
+    path = tmp_path / "noise.bin"
+    path.write_bytes(bytes(range(256)))
+
+    result = run("show", str(path))
+
+    assert f"error: {path}: is not a certificate (neither PEM text nor DER)." in result.stderr
+    assert "ASN.1" not in result.stderr

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from pacsbridge.tls.certificates import (
     DEFAULT_VALIDITY_DAYS,
+    KEY_WITHOUT_CERTIFICATE,
     MAX_UPLOAD_BYTES,
     CertificateError,
     build_csr,
@@ -570,9 +571,7 @@ def test_upload_rejects_random_bytes() -> None:
     with pytest.raises(CertificateError) as raised:
         parse_certificate_upload(data)
 
-    assert raised.value.reason == (
-        "is not a certificate: DER is not ASN.1 DER, so it is neither a DER certificate nor PEM text"
-    )
+    assert raised.value.reason == "is not a certificate (neither PEM text nor DER)"
     assert "PEM, Base64 .cer or DER" in raised.value.fix
 
 
@@ -592,12 +591,13 @@ def test_upload_rejects_other_asn1() -> None:
     [
         (b"", "is empty"),
         (b"  \r\n\t", "is empty"),
-        (b"hello, this is my certificate", "is text without a '-----BEGIN CERTIFICATE-----' line"),
+        (b"hello, this is my certificate", "is not a certificate: no PEM block and not Base64"),
+        (b"hello world", "is not a certificate: no PEM block and not Base64"),
         (b"-----BEGIN CERTIFICATE-----\nMIIB\n", "without a matching '-----END CERTIFICATE-----' line"),
         (b"-----BEGIN CERTIFICATE-----\nMIIB*!\n-----END CERTIFICATE-----\n", "not valid Base64"),
         (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "is not a certificate"),
         (b"-----BEGIN something odd", "no complete '-----BEGIN CERTIFICATE-----' line"),
-        (b"QUJD", "not ASN.1 DER"),
+        (b"QUJD", "is not a certificate: the Base64 data is not DER"),
     ],
 )
 def test_upload_rejects_bad_text(data: bytes, expected: str) -> None:
@@ -730,3 +730,46 @@ def test_sha256_fingerprint_of_der(certificate: x509.Certificate) -> None:
 
 def test_colon_fingerprint_format() -> None:
     assert colon_fingerprint("0a1b2c") == "0A:1B:2C"
+
+
+def test_days_left_rounds_partial_day_up(ec_key: ec.EllipticCurvePrivateKey) -> None:
+    certificate = self_sign(ec_key, "pacsbridge", days=10, now=NOW)
+
+    assert describe_certificate(certificate, now=NOW + dt.timedelta(minutes=1)).days_left == 10
+    assert describe_certificate(certificate, now=NOW + dt.timedelta(days=9, hours=23)).days_left == 1
+    assert describe_certificate(certificate, now=NOW + dt.timedelta(days=10)).days_left == 0
+    assert describe_certificate(certificate, now=NOW + dt.timedelta(days=10, minutes=1)).days_left == -1
+
+
+def test_upload_skips_key_when_asked(certificate: x509.Certificate, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    data = private_key_pem(ec_key) + certificate_pem(certificate)
+
+    upload = parse_certificate_upload(data, skip_private_keys=True)
+
+    assert upload.certificates == (certificate,)
+    assert upload.skipped_private_key is True
+    assert "PRIVATE KEY" not in upload.pem
+
+
+def test_upload_skip_keys_plain_certificate(certificate: x509.Certificate) -> None:
+    upload = parse_certificate_upload(certificate_pem(certificate), skip_private_keys=True)
+
+    assert upload.skipped_private_key is False
+
+
+@pytest.mark.parametrize("encoding", [serialization.Encoding.PEM, serialization.Encoding.DER], ids=["pem", "der"])
+def test_upload_skip_keys_key_only(ec_key: ec.EllipticCurvePrivateKey, encoding: serialization.Encoding) -> None:
+    data = ec_key.private_bytes(encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    with pytest.raises(CertificateError) as raised:
+        parse_certificate_upload(data, skip_private_keys=True)
+
+    assert raised.value.reason == KEY_WITHOUT_CERTIFICATE
+    assert "hospital side" not in str(raised.value)
+
+
+def test_upload_skip_keys_unterminated_key(certificate: x509.Certificate) -> None:
+    data = certificate_pem(certificate) + b"-----BEGIN PRIVATE KEY-----\nMIGH\n"
+
+    with pytest.raises(CertificateError, match="private key block without a matching END line"):
+        parse_certificate_upload(data, skip_private_keys=True)

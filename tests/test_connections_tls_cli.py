@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from tls_material import make_identity
 from typer.testing import CliRunner, Result
 
 import pacsbridge.cli.connections_cmd  # noqa: F401  (registers the commands on the app)
 from pacsbridge.cli.app import app
 from pacsbridge.connections import ConnectionSettings, TlsMode, validate_settings
-from tls_material import make_identity
 
 runner = CliRunner(
     env={
@@ -192,3 +195,153 @@ def test_check_hostname_encryption_only_warns() -> None:
     report = validate_settings(settings)
 
     assert [problem.field for problem in report.warnings] == ["check_hostname"]
+
+
+def test_pinned_fingerprint_colon_form_stored(data_dir: Path) -> None:
+    colon_form = ":".join(["8E"] * 32)
+
+    added = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "encryption-only", "--pinned-fingerprint", colon_form)
+    edited = run(data_dir, "edit", "PACS", "--pinned-fingerprint", " ".join(["ab"] * 32))
+
+    assert added.exit_code == 0, added.output
+    assert edited.exit_code == 0, edited.output
+    assert show_json(data_dir, "PACS")["pinned_fingerprint"] == "ab" * 32
+
+
+def test_pinned_fingerprint_colon_form_added(data_dir: Path) -> None:
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "encryption-only", "--pinned-fingerprint", "8E:BF" * 16)
+
+    assert result.exit_code == 0, result.output
+    assert show_json(data_dir, "PACS")["pinned_fingerprint"] == "8ebf" * 16
+
+
+def test_invalid_pinned_fingerprint_names_both_forms(data_dir: Path) -> None:
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "encryption-only", "--pinned-fingerprint", "8E:BF")
+
+    assert result.exit_code == 2
+    assert "error: pinned_fingerprint '8E:BF': is not a SHA-256 fingerprint" in result.stderr
+    assert "with or without colons" in result.stderr
+    assert "warning: pinned_fingerprint" not in result.stderr
+
+
+def test_pin_with_active_tls_warns(data_dir: Path, tmp_path: Path) -> None:
+    server = make_identity(tmp_path, "server")
+
+    result = run(
+        data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(server.cert),
+        "--pinned-fingerprint", "ab" * 32,
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "warning: pinned_fingerprint" in result.stderr
+    assert "applies only in TLS mode 'encryption-only'" in result.stderr
+
+
+def test_der_certificate_note_on_add_and_edit(data_dir: Path, tmp_path: Path) -> None:
+    server = make_identity(tmp_path, "server")
+    der_path = tmp_path / "server.der"
+    der_path.write_bytes(x509.load_pem_x509_certificate(server.cert.read_bytes()).public_bytes(Encoding.DER))
+
+    added = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(der_path))
+    edited = run(data_dir, "edit", "PACS", "--scp-cert", str(der_path))
+
+    for result in (added, edited):
+        assert result.exit_code == 0, result.output
+        assert f"note: --scp-cert {der_path} was DER and has been converted to PEM." in result.stderr
+    assert show_json(data_dir, "PACS")["scp_certificates"][0]["sha256_fingerprint"] == server.fingerprint
+
+
+def test_base64_certificate_without_pem_lines(data_dir: Path, tmp_path: Path) -> None:
+    server = make_identity(tmp_path, "server")
+    der = x509.load_pem_x509_certificate(server.cert.read_bytes()).public_bytes(Encoding.DER)
+    path = tmp_path / "server.cer"
+    path.write_bytes(base64.encodebytes(der))
+
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(path))
+
+    assert result.exit_code == 0, result.output
+    assert "converted" not in result.stderr
+
+
+def test_list_flags_weaker_and_expired(data_dir: Path, tmp_path: Path) -> None:
+    expired = make_identity(tmp_path, "expired", valid_days=10, starts_days_ago=40)
+    valid = make_identity(tmp_path, "valid")
+    run(data_dir, "add", "Expired", *BASE_ADD, "--tls", "active", "--scp-cert", str(expired.cert))
+    run(data_dir, "add", "Legacy", *BASE_ADD, "--tls", "active", "--scp-cert", str(valid.cert), "--legacy-ciphers")
+    run(data_dir, "add", "Good", *BASE_ADD, "--tls", "active", "--scp-cert", str(valid.cert))
+
+    result = run(data_dir, "list")
+
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert "tls-verified (certificate expired)" in rows["Expired"]
+    assert "tls-verified (weaker ciphers)" in rows["Legacy"]
+    assert rows["Good"].split()[-2] == "tls-verified"
+    assert show_json(data_dir, "Legacy")["security"] == "tls-verified"
+    assert show_json(data_dir, "Legacy")["security_flags"] == ["weaker ciphers"]
+
+
+def test_show_unsecured_tls_fields(data_dir: Path) -> None:
+    run(data_dir, "add", "Plain", *BASE_ADD)
+
+    result = run(data_dir, "show", "Plain")
+
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("cipher_profile:") and line.endswith("n/a (TLS inactive)") for line in lines)
+    assert not any("BCP 195" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "(none: no name is sent, because the host is an IP address)"),
+        ("::1", "(none: no name is sent, because the host is an IP address)"),
+        ("pacs.hospital.test", "(none: the host name pacs.hospital.test is sent)"),
+    ],
+)
+def test_show_server_name_default(data_dir: Path, host: str, expected: str) -> None:
+    options = ["--kind", "pacs", "--host", host, "--port", "2762", "--calling-aet", "POCUS", "--called-aet", "PACS"]
+    assert run(data_dir, "add", "PACS", *options, "--tls", "encryption-only").exit_code == 0
+
+    result = run(data_dir, "show", "PACS")
+
+    server_name_line = next(line for line in result.stdout.splitlines() if line.startswith("server_name:"))
+    assert server_name_line.endswith(expected)
+
+
+def test_add_warns_expired_certificate(data_dir: Path, tmp_path: Path) -> None:
+    expired = make_identity(tmp_path, "expired", valid_days=10, starts_days_ago=40)
+
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(expired.cert))
+
+    assert result.exit_code == 0, result.output
+    assert f"warning: scp_certificate '{expired.cert}': expired on " in result.stderr
+
+
+def test_add_warns_certificate_expiring_soon(data_dir: Path, tmp_path: Path) -> None:
+    soon = make_identity(tmp_path, "soon", valid_days=21)
+
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(soon.cert))
+
+    assert result.exit_code == 0, result.output
+    assert f"warning: scp_certificate '{soon.cert}': expires in 20 days, on " in result.stderr
+
+
+def test_add_valid_certificate_no_warning(data_dir: Path, tmp_path: Path) -> None:
+    valid = make_identity(tmp_path, "valid")
+
+    result = run(data_dir, "add", "PACS", *BASE_ADD, "--tls", "active", "--scp-cert", str(valid.cert))
+
+    assert result.exit_code == 0, result.output
+    assert "warning:" not in result.stderr
+
+
+def test_add_unsecured_warns_unless_test_only(data_dir: Path) -> None:
+    real = run(data_dir, "add", "Plain", *BASE_ADD)
+    test_only = run(data_dir, "add", "Test", *BASE_ADD, "--test-only")
+
+    assert real.exit_code == 0, real.output
+    assert "warning: tls_mode 'inactive': makes the connection unsecured, so only test data will be forwarded" in (
+        real.stderr
+    )
+    assert test_only.exit_code == 0, test_only.output
+    assert "warning: tls_mode" not in test_only.stderr

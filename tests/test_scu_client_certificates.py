@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import typer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -18,10 +19,12 @@ from typer.testing import CliRunner
 import pacsbridge.cli.connections_cmd  # noqa: F401  (registers the commands on the app)
 import pacsbridge.cli.secret_cmd  # noqa: F401
 from pacsbridge.cli.app import app
+from pacsbridge.cli.common import tls_from_options
 from pacsbridge.config import load_config
 from pacsbridge.connections import ConnectionSettings, ScuAuthentication, TlsMode
 from pacsbridge.db import close_database, get_connection, open_database, save_connection, update_connection
 from pacsbridge.db.models import ClientCertificateStatus
+from pacsbridge.tls.certificates import certificate_pem, generate_private_key, private_key_pem, self_sign
 from pacsbridge.tls.client_ca import (
     ClientCertificateError,
     effective_status,
@@ -29,8 +32,10 @@ from pacsbridge.tls.client_ca import (
     find_authority,
     list_client_certificates,
     load_client_identity,
+    reissue_all,
     rotate_client_certificate,
 )
+from pacsbridge.tls.context import TlsMode as CliTlsMode
 from pacsbridge.tls.endpoints import ClientKeyFiles, client_key_files, endpoint_for, prepare_client_identity
 from pacsbridge.tls.secret_key import (
     SECRET_KEY_ENV,
@@ -390,3 +395,248 @@ def test_turning_scu_authentication_on_issues_certificate(sessions) -> None:
     assert identity is not None
     assert "ClientIdentity(fingerprint=" in repr(identity)
     assert "PRIVATE" not in repr(identity)
+
+
+# Recovery after a lost PACSBRIDGE_SECRET_KEY
+
+
+ADD_MTLS = [
+    "connections", "add", "mtls", "--kind", "pacs", "--host", "127.0.0.1", "--port", "2762",
+    "--calling-aet", "POCUS", "--called-aet", "PACS", "--tls", "encryption-only",
+    "--scu-auth", "client-certificate",
+]  # fmt: skip
+
+
+def cli_runner(secret_key: str | None) -> CliRunner:
+    return CliRunner(env={"PACSBRIDGE_DATABASE_URL": None, "PACSBRIDGE_DATA_DIR": None, SECRET_KEY_ENV: secret_key})
+
+
+def test_wrong_secret_key_names_reissue_command() -> None:
+    token = SECRET_KEY.encrypt(b"key material", b"row")
+    other = parse_secret_key(generate_secret_key())
+
+    with pytest.raises(SecretKeyError) as caught:
+        other.decrypt(token, b"row")
+
+    message = str(caught.value)
+    assert "If that key is lost, run 'pacsbridge connections reissue-client-certs --yes'" in message
+    assert message.endswith(".")
+
+
+def test_cli_wrong_key_messages_end_once(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    assert cli_runner(generate_secret_key()).invoke(app, [*ADD_MTLS, "--data-dir", data_dir]).exit_code == 0
+    wrong = cli_runner(generate_secret_key())
+
+    rotated = wrong.invoke(app, ["connections", "rotate-client-cert", "mtls", "--data-dir", data_dir])
+    added = wrong.invoke(app, [*ADD_MTLS[:2], "second", *ADD_MTLS[3:], "--data-dir", data_dir])
+
+    assert rotated.exit_code == 1
+    assert rotated.stderr.rstrip().endswith("each hospital.")
+    assert added.exit_code == 1
+    assert "reissue-client-certs --yes" in added.stderr
+    assert added.stderr.rstrip().endswith("each hospital. Nothing was stored.")
+    assert ".." not in added.stderr
+
+
+def test_reissue_all_replaces_authority(sessions) -> None:
+    name = add_connection(sessions)
+    add_connection(sessions, name="Anonymous", scu_authentication=ScuAuthentication.ANONYMOUS)
+    with sessions.begin() as session:
+        record = get_connection(session, name)
+        old_certificate, _ = ensure_client_certificate(session, record, SECRET_KEY)
+        old_fingerprint = old_certificate.fingerprint
+        old_ca = find_authority(session, record.organization).certificate_pem
+    new_key = parse_secret_key(generate_secret_key())
+
+    with sessions.begin() as session:
+        record = get_connection(session, name)
+        result = reissue_all(session, record.organization, new_key)
+        issued_names = [connection.name for connection, _ in result.issued]
+
+    with sessions.begin() as session:
+        record = get_connection(session, name)
+        certificates = list_client_certificates(session, record)
+        authority = find_authority(session, record.organization)
+        identity = prepare_client_identity(session, record, new_key)
+        statuses = {certificate.fingerprint: certificate.status for certificate in certificates}
+
+    assert issued_names == [name]
+    assert statuses[old_fingerprint] == ClientCertificateStatus.RETIRED
+    assert len(certificates) == 2
+    assert authority.certificate_pem != old_ca
+    assert result.previous_authority_fingerprint is not None
+    assert identity is not None
+    assert identity.fingerprint != old_fingerprint
+    new_certificate = x509.load_pem_x509_certificate(identity.certificate_pem)
+    ca_certificate = x509.load_pem_x509_certificate(authority.certificate_pem.encode("ascii"))
+    new_certificate.verify_directly_issued_by(ca_certificate)
+
+
+def test_cli_reissue_after_lost_key(tmp_path: Path) -> None:
+    data_dir = str(tmp_path / "data")
+    assert cli_runner(generate_secret_key()).invoke(app, [*ADD_MTLS, "--data-dir", data_dir]).exit_code == 0
+    new = cli_runner(generate_secret_key())
+
+    planned = new.invoke(app, ["connections", "reissue-client-certs", "--data-dir", data_dir])
+    reissued = new.invoke(app, ["connections", "reissue-client-certs", "--yes", "--data-dir", data_dir])
+    rotated = new.invoke(app, ["connections", "rotate-client-cert", "mtls", "--data-dir", data_dir])
+    shown = new.invoke(app, ["connections", "show", "mtls", "--data-dir", data_dir])
+
+    assert planned.exit_code == 2
+    assert "would be replaced by a new one" in planned.stdout
+    assert "'mtls'" in planned.stdout
+    assert "nothing was changed" in planned.stderr
+    assert reissued.exit_code == 0, reissued.output
+    assert "Created a new organization CA" in reissued.stdout
+    assert "Retired 1 client certificate(s)." in reissued.stdout
+    assert "Give the new CA certificate to the PACS admin of each hospital" in reissued.stdout
+    assert "pacsbridge connections client-cert mtls --ca" in reissued.stdout
+    assert rotated.exit_code == 0, rotated.output
+    assert shown.stdout.count("[retired]") == 1
+
+
+def test_cli_reissue_empty_database(tmp_path: Path) -> None:
+    result = cli_runner(generate_secret_key()).invoke(
+        app, ["connections", "reissue-client-certs", "--yes", "--data-dir", str(tmp_path / "data")]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "Nothing to reissue" in result.stdout
+
+
+def test_cli_reissue_needs_secret_key(tmp_path: Path) -> None:
+    result = cli_runner(None).invoke(
+        app, ["connections", "reissue-client-certs", "--yes", "--data-dir", str(tmp_path / "data")]
+    )
+
+    assert result.exit_code == 1
+    assert f"{SECRET_KEY_ENV} is not set" in result.stderr
+
+
+def test_secret_key_help_names_recovery() -> None:
+    result = CliRunner().invoke(app, ["secret-key", "--help"], terminal_width=200)
+
+    assert result.exit_code == 0
+    assert "pacsbridge connections reissue-client-certs --yes" in " ".join(result.stdout.split())
+
+
+# Rotation and download messages
+
+
+def test_cli_rotate_message_is_accurate(tmp_path: Path) -> None:
+    runner = cli_runner(generate_secret_key())
+    data_dir = str(tmp_path / "data")
+    runner.invoke(app, [*ADD_MTLS, "--data-dir", data_dir])
+
+    rotated = runner.invoke(app, ["connections", "rotate-client-cert", "mtls", "--data-dir", data_dir])
+
+    assert rotated.exit_code == 0, rotated.output
+    text = " ".join(rotated.stdout.split())
+    assert "pacsbridge sends with it from now on" in text
+    assert "SCPs that trust the organization's CA certificate accept it at once" in text
+    assert "An SCP that trusts only the previous client certificate rejects pacsbridge" in text
+    assert "is no longer sent" in text
+    assert '"pacsbridge connections client-cert mtls --ca"' in text
+    assert "'mtls''" not in text
+
+
+def test_cli_client_cert_recommends_ca(tmp_path: Path) -> None:
+    runner = cli_runner(generate_secret_key())
+    data_dir = str(tmp_path / "data")
+    runner.invoke(app, [*ADD_MTLS, "--data-dir", data_dir])
+
+    leaf_only = runner.invoke(app, ["connections", "client-cert", "mtls", "--data-dir", data_dir])
+    with_ca = runner.invoke(app, ["connections", "client-cert", "mtls", "--ca", "--data-dir", data_dir])
+
+    assert leaf_only.exit_code == 0, leaf_only.output
+    assert "have the PACS admin trust the organization's CA certificate (recommended)" in leaf_only.stderr
+    assert with_ca.exit_code == 0, with_ca.output
+    assert with_ca.stdout.count("BEGIN CERTIFICATE") == 2
+    assert "recommended" not in with_ca.stderr
+
+
+def test_cli_commands_quoted_without_nesting(tmp_path: Path) -> None:
+    runner = cli_runner(None)
+    data_dir = str(tmp_path / "data")
+
+    added = runner.invoke(app, [*ADD_MTLS[:2], "PACS Zürich", *ADD_MTLS[3:], "--data-dir", data_dir])
+
+    assert added.exit_code == 0, added.output
+    assert "\"pacsbridge connections client-cert 'PACS Zürich'\"" in added.stderr
+
+
+# --client-cert and --client-key of the ad-hoc commands
+
+
+@pytest.fixture
+def client_files(tmp_path: Path) -> dict[str, Path]:
+    key = generate_private_key(ec=True)
+    other_key = generate_private_key(ec=True)
+    certificate = self_sign(key, "pocus.test", days=30)
+    files = {
+        "cert": tmp_path / "client.pem",
+        "key": tmp_path / "client.key",
+        "other_key": tmp_path / "other.key",
+        "der": tmp_path / "client.der",
+        "combined": tmp_path / "combined.pem",
+    }
+    files["cert"].write_bytes(certificate_pem(certificate))
+    files["key"].write_bytes(private_key_pem(key))
+    files["other_key"].write_bytes(private_key_pem(other_key))
+    files["der"].write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    files["combined"].write_bytes(certificate_pem(certificate) + private_key_pem(key))
+    return files
+
+
+def test_client_pair_accepted(client_files: dict[str, Path]) -> None:
+    settings = tls_from_options(
+        CliTlsMode.ENCRYPTION_ONLY, None, client_files["cert"], client_files["key"], None
+    )
+
+    assert settings is not None
+    assert settings.client_certificate == client_files["cert"]
+
+
+def test_client_combined_file_accepted(client_files: dict[str, Path]) -> None:
+    settings = tls_from_options(
+        CliTlsMode.ENCRYPTION_ONLY, None, client_files["combined"], client_files["combined"], None
+    )
+
+    assert settings is not None
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "expected"),
+    [
+        ("cert", "other_key", "error: --client-key {other_key}: the key does not belong to the certificate"),
+        ("cert", "cert", "error: --client-key {cert}: not a PEM private key."),
+        ("der", "key", "error: --client-cert {der}: is not a PEM certificate"),
+        ("key", "key", "error: --client-cert {key}: contains a private key but no certificate."),
+    ],
+)
+def test_client_pair_problems_named(
+    client_files: dict[str, Path], capsys: pytest.CaptureFixture[str], cert: str, key: str, expected: str
+) -> None:
+    with pytest.raises(typer.Exit) as raised:
+        tls_from_options(CliTlsMode.ENCRYPTION_ONLY, None, client_files[cert], client_files[key], None)
+
+    assert raised.value.exit_code == 2
+    stderr = capsys.readouterr().err
+    assert expected.format(**{name: str(path) for name, path in client_files.items()}) in stderr
+    assert "_ssl.c" not in stderr
+    assert "PRIVATE KEY-----\n" not in stderr
+
+
+def test_echo_mismatched_pair_exits_before_connecting(client_files: dict[str, Path]) -> None:
+    import pacsbridge.cli.echo_cmd  # noqa: F401  (registers the command on the app)
+
+    result = CliRunner().invoke(
+        app,
+        ["echo", "127.0.0.1", "9", "--calling-aet", "POCUS", "--called-aet", "PACS", "--tls", "encryption-only",
+         "--client-cert", str(client_files["cert"]), "--client-key", str(client_files["other_key"])],
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "the key does not belong to the certificate" in result.stderr
+    assert "KEY_VALUES_MISMATCH" not in result.output

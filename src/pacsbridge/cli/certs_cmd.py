@@ -22,6 +22,8 @@ from pacsbridge.cli.common import EXIT_FAILED, EXIT_INVALID_INPUT, fail, print_j
 from pacsbridge.tls.certificates import (
     DEFAULT_VALIDITY_DAYS,
     EXPIRY_WARNING_DAYS,
+    KEY_WITHOUT_CERTIFICATE,
+    LATEST_NOT_AFTER,
     MAX_UPLOAD_BYTES,
     CertificateError,
     CertificateInfo,
@@ -164,6 +166,19 @@ def _key_description(key: PrivateKey) -> str:
     return f"private key, RSA {key.key_size}"
 
 
+def _check_days(days: int) -> None:
+    """Exit with status 2 unless --days is a validity that X.509 can express, before any file is written."""
+    if days < 1:
+        _fail_invalid(f"--days {days}", "is not a positive number of days. Give 1 or more")
+    now = dt.datetime.now(dt.UTC)
+    max_days = (LATEST_NOT_AFTER - now).days
+    if days > max_days:
+        _fail_invalid(
+            f"--days {days}",
+            f"ends the validity after the year 9999, which X.509 cannot express. Give at most {max_days}",
+        )
+
+
 def _create_certificate(key: PrivateKey, common_name: str, days: int, alt_names: list[str] | None) -> x509.Certificate:
     try:
         return self_sign(key, common_name, days=days, alt_names=alt_names)
@@ -227,6 +242,7 @@ def create_command(
     force: ForceOpt = False,
 ) -> None:
     """Write key.pem, csr.pem, cert.pem (self-signed) and optionally bundle.pfx into OUTDIR."""
+    _check_days(days)
     password = _read_password(pkcs12_password_file) if pkcs12_password_file is not None else None
     if outdir.exists() and not outdir.is_dir():
         _fail_invalid(outdir, "is not a directory. Give a directory path for OUTDIR")
@@ -294,6 +310,7 @@ def self_signed_command(
     force: ForceOpt = False,
 ) -> None:
     """Write a self-signed certificate for the key."""
+    _check_days(days)
     _check_not_existing([out], force)
     certificate = _create_certificate(_load_key(key_path), common_name, days, alt_names)
     _write(out, certificate_pem(certificate), mode=PUBLIC_MODE, force=force, description="self-signed certificate")
@@ -329,14 +346,32 @@ def pkcs12_command(
 
 @certs_app.command("show")
 def show_command(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Certificate or chain as PEM, Base64 .cer or DER.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            help="Certificate or chain as PEM, Base64 .cer or DER. A private key in a PEM file is not displayed.",
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the details as JSON.")] = False,
 ) -> None:
-    """Print subject, validity, fingerprint and expiry status of each certificate in FILE."""
+    """Print subject, validity, fingerprint and expiry status of each certificate in FILE.
+
+    A PEM file that also contains a private key, such as a combined HAProxy
+    certificate and key file, shows its certificates and a note about the key.
+    """
     try:
-        upload = parse_certificate_upload(_read_input(file, MAX_UPLOAD_BYTES))
+        upload = parse_certificate_upload(_read_input(file, MAX_UPLOAD_BYTES), skip_private_keys=True)
     except CertificateError as exc:
+        if exc.reason == KEY_WITHOUT_CERTIFICATE:
+            _fail_invalid(
+                file,
+                "contains a private key, which 'certs show' does not display, and no certificate. "
+                "Give a certificate file (PEM, Base64 .cer or DER)",
+            )
         _fail_invalid(file, str(exc))
+    if upload.skipped_private_key:
+        typer.echo(f"note: {file} contains a private key, which 'certs show' does not display.", err=True)
     now = dt.datetime.now(dt.UTC)
     infos = [describe_certificate(certificate, now=now) for certificate in upload.certificates]
     if as_json:
@@ -345,6 +380,7 @@ def show_command(
                 "file": str(file),
                 "format": upload.source_format,
                 "converted_from_der": upload.converted_from_der,
+                "contains_private_key": upload.skipped_private_key,
                 "certificates": [info.as_dict() for info in infos],
             }
         )

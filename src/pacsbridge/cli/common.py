@@ -132,6 +132,16 @@ def tls_from_options(
     legacy_ciphers: bool = False,
 ) -> TlsSettings | None:
     """Return the TLS settings the options ask for, or None for plain DICOM; exit 2 on invalid input."""
+    from pacsbridge.connections.settings import normalize_fingerprint
+    from pacsbridge.tls.certificates import (
+        KEY_WITHOUT_CERTIFICATE,
+        MAX_UPLOAD_BYTES,
+        CertificateError,
+        check_key_matches_certificate,
+        load_private_key_pem,
+        parse_certificate_upload,
+    )
+
     if mode is None:
         given = [
             name
@@ -159,16 +169,55 @@ def tls_from_options(
             EXIT_INVALID_INPUT,
         )
     if pinned_fingerprint is not None:
-        pinned_fingerprint = pinned_fingerprint.replace(":", "").strip().lower()
-        if len(pinned_fingerprint) != 64 or any(ch not in "0123456789abcdef" for ch in pinned_fingerprint):
+        normalized = normalize_fingerprint(pinned_fingerprint)
+        if normalized is None:
             fail(
-                f"error: --pinned-fingerprint {pinned_fingerprint!r} is not a SHA-256 fingerprint: "
-                "use the 64 hex digits that Echo printed.",
+                f"error: --pinned-fingerprint {pinned_fingerprint!r} is not a SHA-256 fingerprint. Use the 64 hex "
+                "digits that Echo printed, with or without colons.",
                 EXIT_INVALID_INPUT,
             )
+        pinned_fingerprint = normalized
     for option, path in (("--client-cert", client_cert), ("--client-key", client_key)):
         if path is not None and not path.is_file():
             fail(f"error: {option} {path}: file not found.", EXIT_INVALID_INPUT)
+    if client_cert is not None and client_key is not None:
+        # Checked before connecting, so that a wrong file is named in plain words and not reported as
+        # OpenSSL text during the TLS handshake.
+        try:
+            cert_data = client_cert.read_bytes()[: MAX_UPLOAD_BYTES + 1]
+            key_data = client_key.read_bytes()[: MAX_UPLOAD_BYTES + 1]
+        except OSError as exc:
+            fail(f"error: {exc.filename}: cannot be read ({exc.strerror or exc}).", EXIT_INVALID_INPUT)
+        try:
+            # Python's ssl module also reads a certificate file that contains the key, so a key is skipped here.
+            upload = parse_certificate_upload(cert_data, skip_private_keys=True)
+        except CertificateError as exc:
+            fix = "Give the client certificate as a PEM file" if exc.reason == KEY_WITHOUT_CERTIFICATE else exc.fix
+            fail(f"error: --client-cert {client_cert}: {exc.reason}. {fix}.", EXIT_INVALID_INPUT)
+        if upload.source_format != "pem":
+            fail(
+                f"error: --client-cert {client_cert}: is not a PEM certificate, and the TLS library reads PEM only. "
+                f"Convert it, for example with 'openssl x509 -inform DER -in {client_cert} -out client.pem'.",
+                EXIT_INVALID_INPUT,
+            )
+        if b"PRIVATE KEY-----" not in key_data:
+            fail(
+                f"error: --client-key {client_key}: not a PEM private key. Give the key file of the client "
+                "certificate, whose first line ends with 'PRIVATE KEY-----'.",
+                EXIT_INVALID_INPUT,
+            )
+        try:
+            key = load_private_key_pem(key_data)
+        except CertificateError as exc:
+            fail(f"error: --client-key {client_key}: {exc}", EXIT_INVALID_INPUT)
+        try:
+            check_key_matches_certificate(key, upload.certificates[0])
+        except CertificateError:
+            fail(
+                f"error: --client-key {client_key}: the key does not belong to the certificate in --client-cert "
+                f"{client_cert}. Give the key that the certificate was issued for.",
+                EXIT_INVALID_INPUT,
+            )
     return TlsSettings(
         mode=mode,
         scp_certificate_pem=pem,

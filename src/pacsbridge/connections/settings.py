@@ -99,6 +99,18 @@ _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 
 
+def normalize_fingerprint(text: object) -> str | None:
+    """Return a SHA-256 fingerprint as 64 lower-case hex digits, or None when `text` is not one.
+
+    Accepts the colon form that Echo and 'openssl x509 -fingerprint' print
+    (such as 8E:BF:...), in any case and with spaces.
+    """
+    if not isinstance(text, str):
+        return None
+    compact = "".join(text.split()).replace(":", "").lower()
+    return compact if _FINGERPRINT.match(compact) else None
+
+
 def check_host(host: str, field_name: str = "host") -> list[Problem]:
     """Check that `host` is an IPv4/IPv6 address or an RFC 1123 host name."""
     if not host or not host.strip():
@@ -199,13 +211,13 @@ def _check_tls(settings: ConnectionSettings) -> list[Problem]:
     problems += _check_flag("check_hostname", settings.check_hostname)
     problems += _check_flag("legacy_ciphers", settings.legacy_ciphers)
     problems += _check_tls_options_used(settings)
-    if settings.pinned_fingerprint is not None and not _FINGERPRINT.match(settings.pinned_fingerprint):
+    if settings.pinned_fingerprint is not None and normalize_fingerprint(settings.pinned_fingerprint) is None:
         problems.append(
             Problem.error(
                 "pinned_fingerprint",
                 settings.pinned_fingerprint,
                 "is not a SHA-256 fingerprint",
-                "Use the 64 lower-case hex digits that Echo reported, without colons.",
+                "Use the 64 hex digits that Echo reported, with or without colons (8E:BF:... or 8ebf...).",
             )
         )
     return problems
@@ -241,7 +253,16 @@ def _check_tls_options_used(settings: ConnectionSettings) -> list[Problem]:
                     "Choose TLS mode 'active' or 'encryption-only' to use it.",
                 )
             )
-    elif settings.tls_mode == TlsMode.ENCRYPTION_ONLY and settings.check_hostname is True:
+    elif settings.tls_mode == TlsMode.ACTIVE and normalize_fingerprint(settings.pinned_fingerprint) is not None:
+        problems.append(
+            Problem.warning(
+                "pinned_fingerprint",
+                settings.pinned_fingerprint,
+                "has no effect in TLS mode 'active', because a pin applies only in TLS mode 'encryption-only'",
+                "Choose TLS mode 'encryption-only' to use the pin, or remove the pin.",
+            )
+        )
+    if settings.tls_mode == TlsMode.ENCRYPTION_ONLY and settings.check_hostname is True:
         problems.append(
             Problem.warning(
                 "check_hostname",

@@ -17,6 +17,7 @@ import base64
 import binascii
 import datetime as dt
 import ipaddress
+import math
 import os
 import re
 import tempfile
@@ -54,6 +55,8 @@ PKCS12_KDF_ROUNDS = 600_000
 _CERTIFICATE_LABELS = ("CERTIFICATE", "X509 CERTIFICATE")
 _PEM_BEGIN = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----")
 _PEM_PRIVATE_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY")
+# A whole private key block, such as the key in a combined HAProxy PEM file.
+_PEM_PRIVATE_KEY_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----.*?-----END \1-----", re.DOTALL)
 # Whitespace and the escaped line breaks of text copied out of JSON or YAML,
 # none of which can occur in Base64 data.
 _BASE64_NOISE = re.compile(r"\s+|\\r|\\n")
@@ -66,6 +69,9 @@ _OID_PKCS7_DATA = x509.ObjectIdentifier("1.2.840.113549.1.7.1")
 _OID_PKCS7_SIGNED_DATA = x509.ObjectIdentifier("1.2.840.113549.1.7.2")
 
 _KEY_STAYS_WITH_HOSPITAL = "contains a private key, which must stay on the hospital side and was not stored"
+# The reason of the CertificateError for a private key without a certificate, with `skip_private_keys`.
+KEY_WITHOUT_CERTIFICATE = "contains a private key but no certificate"
+_GIVE_CERTIFICATE_FILE = "Give a certificate file (PEM, Base64 .cer or DER)"
 _USE_ONLY_CERTIFICATE = (
     "Use only the certificate: the .cer file, or the PEM block that starts with '-----BEGIN CERTIFICATE-----'"
 )
@@ -393,21 +399,26 @@ class CertificateUpload:
 
     `source_format` is "pem", "base64" (Base64 DER without BEGIN/END lines)
     or "der". `converted_from_der` is true for binary DER, which `pem` then
-    contains re-encoded.
+    contains re-encoded. `skipped_private_key` is true when the PEM text also
+    contained a private key that `skip_private_keys` left out.
     """
 
     certificates: tuple[x509.Certificate, ...]
     pem: str
     source_format: str
     converted_from_der: bool
+    skipped_private_key: bool = False
 
 
-def parse_certificate_upload(data: bytes) -> CertificateUpload:
+def parse_certificate_upload(data: bytes, *, skip_private_keys: bool = False) -> CertificateUpload:
     """Parse one certificate or a chain from PEM, Base64 .cer or DER bytes.
 
     Raises CertificateError for anything else. A private key or PKCS#12 file
     is rejected as such, even when it comes with certificates, and its content
-    never appears in the message.
+    never appears in the message. With `skip_private_keys`, PEM private key
+    blocks are left out instead, as in a combined certificate and key file,
+    and a key without a certificate raises CertificateError with the reason
+    KEY_WITHOUT_CERTIFICATE.
     """
     if len(data) > MAX_UPLOAD_BYTES:
         raise CertificateError(
@@ -416,31 +427,54 @@ def parse_certificate_upload(data: bytes) -> CertificateUpload:
         )
     text = _decode_text(data)
     if text is None:
-        certificate = _load_der_certificate(data, source="DER")
+        certificate = _load_der_certificate(data, source="DER", skip_private_keys=skip_private_keys)
         return _make_upload([certificate], source_format="der", converted_from_der=True)
 
+    skipped_private_key = False
     if _PEM_PRIVATE_KEY_BEGIN.search(text):
-        raise CertificateError(_KEY_STAYS_WITH_HOSPITAL, _USE_ONLY_CERTIFICATE)
+        if not skip_private_keys:
+            raise CertificateError(_KEY_STAYS_WITH_HOSPITAL, _USE_ONLY_CERTIFICATE)
+        text = _PEM_PRIVATE_KEY_BLOCK.sub("", text)
+        skipped_private_key = True
+        if _PEM_PRIVATE_KEY_BEGIN.search(text):
+            # A key block without its END line is left over.
+            raise CertificateError(
+                "contains a private key block without a matching END line",
+                "Give the whole file, including the END line",
+            )
+        if "-----BEGIN" not in text:
+            raise CertificateError(KEY_WITHOUT_CERTIFICATE, _GIVE_CERTIFICATE_FILE)
     if "-----BEGIN" in text:
-        return _make_upload(_load_pem_certificates(text), source_format="pem", converted_from_der=False)
+        return _make_upload(
+            _load_pem_certificates(text),
+            source_format="pem",
+            converted_from_der=False,
+            skipped_private_key=skipped_private_key,
+        )
 
     compact = _BASE64_NOISE.sub("", text)
     if not compact:
         raise CertificateError("is empty", _GIVE_ACCEPTED_FORMAT)
+    not_base64 = CertificateError("is not a certificate: no PEM block and not Base64", _GIVE_ACCEPTED_FORMAT)
     if not _BASE64_TEXT.fullmatch(compact):
-        raise CertificateError(
-            "is text without a '-----BEGIN CERTIFICATE-----' line, and not Base64 either", _GIVE_ACCEPTED_FORMAT
-        )
-    der = _decode_base64(compact, source="the Base64 text")
-    certificate = _load_der_certificate(der, source="Base64")
+        raise not_base64
+    try:
+        der = base64.b64decode(compact, validate=True)
+    except binascii.Error:
+        raise not_base64 from None
+    certificate = _load_der_certificate(der, source="Base64", skip_private_keys=skip_private_keys)
     return _make_upload([certificate], source_format="base64", converted_from_der=False)
 
 
 def _make_upload(
-    certificates: list[x509.Certificate], *, source_format: str, converted_from_der: bool
+    certificates: list[x509.Certificate],
+    *,
+    source_format: str,
+    converted_from_der: bool,
+    skipped_private_key: bool = False,
 ) -> CertificateUpload:
     pem = "".join(certificate_pem(certificate).decode("ascii") for certificate in certificates)
-    return CertificateUpload(tuple(certificates), pem, source_format, converted_from_der)
+    return CertificateUpload(tuple(certificates), pem, source_format, converted_from_der, skipped_private_key)
 
 
 def _decode_text(data: bytes) -> str | None:
@@ -517,15 +551,26 @@ def _decode_base64(text: str, *, source: str) -> bytes:
         ) from None
 
 
-def _load_der_certificate(der: bytes, *, source: str) -> x509.Certificate:
-    """Load one DER certificate, or raise CertificateError that names what `der` is instead."""
+def _load_der_certificate(der: bytes, *, source: str, skip_private_keys: bool = False) -> x509.Certificate:
+    """Load one DER certificate, or raise CertificateError that names what `der` is instead.
+
+    With `skip_private_keys`, the errors for a private key or PKCS#12 file do
+    not say that the file was rejected for storage.
+    """
     try:
         return x509.load_der_x509_certificate(der)
     except ValueError as exc:
         certificate_error = str(exc)
     kind = _identify_der(der)
     if kind == "private key":
+        if skip_private_keys:
+            raise CertificateError(KEY_WITHOUT_CERTIFICATE, _GIVE_CERTIFICATE_FILE)
         raise CertificateError(_KEY_STAYS_WITH_HOSPITAL, _USE_ONLY_CERTIFICATE)
+    if kind == "PKCS#12" and skip_private_keys:
+        raise CertificateError(
+            "is a PKCS#12 file (.pfx/.p12) with a private key, not a certificate file",
+            "Extract the certificates with 'openssl pkcs12 -in FILE -nokeys -out chain.pem' and give that file",
+        )
     if kind == "PKCS#12":
         raise CertificateError(
             "is a PKCS#12 file (.pfx/.p12), which contains a private key that must stay on the hospital side "
@@ -549,9 +594,10 @@ def _load_der_certificate(der: bytes, *, source: str) -> x509.Certificate:
             f"is not a valid certificate: {source} is ASN.1 DER but not an X.509 certificate ({certificate_error})",
             _GIVE_ACCEPTED_FORMAT,
         )
+    if source == "DER":
+        raise CertificateError("is not a certificate (neither PEM text nor DER)", _GIVE_ACCEPTED_FORMAT)
     raise CertificateError(
-        f"is not a certificate: {source} is not ASN.1 DER, so it is neither a DER certificate nor PEM text",
-        _GIVE_ACCEPTED_FORMAT,
+        f"is not a certificate: the {source} data is not DER", _GIVE_ACCEPTED_FORMAT
     )
 
 
@@ -679,7 +725,9 @@ class CertificateInfo:
     `not_yet_valid` and `expires_soon` refer to the time given to
     `describe_certificate`. `expires_soon` means within EXPIRY_WARNING_DAYS
     days and is false once the certificate has expired. `days_left` counts
-    whole days until `not_after` and is negative once it has passed.
+    the days until `not_after` with a started day counted as a whole day, so
+    a certificate made for 10 days shows 10 at first. It is negative once
+    `not_after` has passed.
     """
 
     subject: str
@@ -751,8 +799,14 @@ def describe_certificate(cert: x509.Certificate, *, now: dt.datetime | None = No
         expired=expired,
         not_yet_valid=now < not_before,
         expires_soon=not expired and not_after - now <= dt.timedelta(days=EXPIRY_WARNING_DAYS),
-        days_left=(not_after - now).days,
+        days_left=_days_left(not_after - now),
     )
+
+
+def _days_left(remaining: dt.timedelta) -> int:
+    """Round a positive time left up to whole days, and an expired one down (so it is -1 or less)."""
+    days = remaining / dt.timedelta(days=1)
+    return math.ceil(days) if remaining >= dt.timedelta(0) else math.floor(days)
 
 
 def _describe_public_key(public_key: object) -> tuple[str, int | None, str | None]:

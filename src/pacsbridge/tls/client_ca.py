@@ -6,10 +6,15 @@ until the CA expires) whose subject names the organization (O) and the
 connection (CN), with extendedKeyUsage clientAuth. The hospital adds either the
 CA certificate or the client certificate to the SCP's trusted certificates.
 
-Rotation issues a new active certificate and keeps the old one as retiring
-until its grace period ends. pacsbridge sends with the active one only. The
-retiring state shows admins that the old certificate is still valid, so the
-hospital can switch over within the grace period.
+Rotation issues a new active certificate, and pacsbridge sends with it at
+once, because it sends with the active certificate only. The old one is
+marked as retiring until its grace period ends. That mark is a record for
+admins and changes nothing that is sent. An SCP that trusts the CA accepts
+the new certificate at once, but one that trusts only the old client
+certificate must add the new one first.
+
+When PACSBRIDGE_SECRET_KEY is lost, `reissue_all` replaces the CA (whose key
+then cannot be decrypted) and all client certificates of the organization.
 
 Private keys are stored encrypted with the key in PACSBRIDGE_SECRET_KEY and
 bound to their certificate's fingerprint (see pacsbridge.tls.secret_key).
@@ -29,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pacsbridge.connections import ScuAuthentication, TlsMode
 from pacsbridge.db.models import (
     CertificateAuthorityRecord,
     ClientCertificateRecord,
@@ -345,6 +351,94 @@ def rotate_client_certificate(
         "Rotated client certificate of connection id=%d, grace period %d days", connection.id, grace_days
     )
     return new, previous
+
+
+@dataclass(frozen=True)
+class ReissueResult:
+    """Outcome of `reissue_all`: the new CA, the fingerprint of the CA it replaced, and the certificates changed."""
+
+    authority: CertificateAuthorityRecord
+    previous_authority_fingerprint: str | None
+    retired: list[ClientCertificateRecord]
+    issued: list[tuple[ConnectionRecord, ClientCertificateRecord]]
+
+
+def _organization_connections(session: Session, organization: Organization) -> list[ConnectionRecord]:
+    connections = session.scalars(select(ConnectionRecord).where(ConnectionRecord.organization_id == organization.id))
+    return sorted(connections, key=lambda connection: (connection.name.casefold(), connection.name))
+
+
+def _uses_client_certificate(connection: ConnectionRecord) -> bool:
+    return (
+        connection.tls_mode != TlsMode.INACTIVE
+        and connection.scu_authentication == ScuAuthentication.CLIENT_CERTIFICATE
+    )
+
+
+def _replace_authority(
+    session: Session, organization: Organization, secret_key: SecretKey, now: dt.datetime
+) -> tuple[CertificateAuthorityRecord, str | None]:
+    """Give `organization` a new CA key and certificate, and return the record and the replaced CA's fingerprint.
+
+    The row is updated in place, because an organization has one CA row. The
+    old CA key is not decrypted, so this works without the key that encrypted it.
+    """
+    record = find_authority(session, organization)
+    if record is None:
+        return get_or_create_authority(session, organization, secret_key), None
+    previous = sha256_fingerprint(x509.load_pem_x509_certificate(record.certificate_pem.encode("ascii")))
+    key = generate_private_key(ec=True)
+    certificate = build_ca_certificate(key, organization.name, now=now)
+    fingerprint = sha256_fingerprint(certificate)
+    record.certificate_pem = certificate_pem(certificate).decode("ascii")
+    record.encrypted_private_key = _encrypt_key(secret_key, key, "certificate_authorities", fingerprint)
+    record.created_at = now
+    session.flush()
+    return record, previous
+
+
+def reissue_all(
+    session: Session, organization: Organization, secret_key: SecretKey, *, now: dt.datetime | None = None
+) -> ReissueResult:
+    """Replace the organization's CA and issue new client certificates, all encrypted with `secret_key`.
+
+    Every active or retiring client certificate of the organization becomes
+    retired now, with `retire_after` set to `now` as the record of when. Each
+    connection with SCU authentication over TLS gets a new active certificate
+    from the new CA. Connections without it get one from the new CA when it is
+    turned on. No stored private key is decrypted, so this is the way out
+    after PACSBRIDGE_SECRET_KEY was lost.
+    """
+    now = now or utc_now()
+    connections = _organization_connections(session, organization)
+    retired: list[ClientCertificateRecord] = []
+    for connection in connections:
+        for record in list_client_certificates(session, connection):
+            if record.status == ClientCertificateStatus.RETIRED:
+                continue
+            record.status = ClientCertificateStatus.RETIRED
+            if record.retire_after is None or record.retire_after > now:
+                record.retire_after = now
+            retired.append(record)
+    # The old rows must leave the active state before new ones are added (one active certificate per connection).
+    session.flush()
+
+    authority, previous = _replace_authority(session, organization, secret_key, now)
+    issued = [
+        (connection, _issue(session, connection, secret_key, now))
+        for connection in connections
+        if _uses_client_certificate(connection)
+    ]
+    LOGGER.info(
+        "Replaced certificate authority of organization id=%d (SHA-256 %s, previously %s): retired %d and issued "
+        "%d client certificates",
+        organization.id,
+        sha256_fingerprint(x509.load_pem_x509_certificate(authority.certificate_pem.encode("ascii"))),
+        previous or "none",
+        len(retired),
+        len(issued),
+    )
+    return ReissueResult(authority, previous, retired, issued)
 
 
 def load_client_identity(record: ClientCertificateRecord, secret_key: SecretKey) -> ClientIdentity:

@@ -40,12 +40,20 @@ GENERATE_HINT = (
     f"print(base64.b64encode(os.urandom(32)).decode())\") and set {SECRET_KEY_ENV} to it. "
     "Keep it outside the database and its backups."
 )
+# Recovery when the stored private keys cannot be decrypted (see pacsbridge.tls.client_ca.reissue_all).
+REISSUE_COMMAND = "pacsbridge connections reissue-client-certs --yes"
+_REISSUE_STEPS = (
+    f"run '{REISSUE_COMMAND}' to create a new organization CA and new client certificates encrypted with the "
+    f"current {SECRET_KEY_ENV}, then give the new CA certificate to each hospital."
+)
+LOST_KEY_HINT = f"If that key is lost, {_REISSUE_STEPS}"
+DAMAGED_KEY_HINT = f"To replace the damaged keys, {_REISSUE_STEPS}"
 
 
 class SecretKeyError(RuntimeError):
     """Raised when PACSBRIDGE_SECRET_KEY is missing or invalid, or does not decrypt a stored value.
 
-    The message names the variable and the fix, and never contains key material.
+    The message names the variable and the fix, ends with a full stop, and never contains key material.
     """
 
 
@@ -86,27 +94,29 @@ class SecretKey:
         parts = token.split(":")
         if len(parts) != 3 or parts[0] != FORMAT_VERSION:
             raise SecretKeyError(
-                f"a stored private key is not in the {FORMAT_VERSION} format that this pacsbridge version reads: "
-                "it was written by another version, or the database was changed by hand"
+                f"a stored private key is not in the {FORMAT_VERSION} format that this pacsbridge version reads, "
+                f"because it was written by another version or the database was changed by hand. {DAMAGED_KEY_HINT}"
             )
         _, stored_id, payload = parts
         if stored_id != self.id:
             raise SecretKeyError(
                 f"a stored private key was encrypted with key id {stored_id}, but {SECRET_KEY_ENV} has key id "
-                f"{self.id}: the variable is set to another key. Set it to the key the private keys were "
-                "encrypted with"
+                f"{self.id}, so the variable is set to another key. Set it to the key the private keys were "
+                f"encrypted with. {LOST_KEY_HINT}"
             )
         try:
             data = base64.b64decode(payload, validate=True)
         except binascii.Error:
-            raise SecretKeyError("a stored private key is damaged: its Base64 text cannot be decoded") from None
+            raise SecretKeyError(
+                f"a stored private key is damaged, because its Base64 text cannot be decoded. {DAMAGED_KEY_HINT}"
+            ) from None
         nonce, sealed = data[:NONCE_BYTES], data[NONCE_BYTES:]
         try:
             return AESGCM(self.key).decrypt(nonce, sealed, associated_data)
         except InvalidTag:
             raise SecretKeyError(
-                f"a stored private key cannot be decrypted with {SECRET_KEY_ENV} (key id {self.id}): the value "
-                "was damaged or moved to another row, or a different key with the same id is set"
+                f"a stored private key cannot be decrypted with {SECRET_KEY_ENV} (key id {self.id}). The value "
+                f"was damaged or moved to another row, or a different key with the same id is set. {DAMAGED_KEY_HINT}"
             ) from None
 
 
