@@ -2,8 +2,9 @@
 
 The demo starts a storage SCP and a worklist SCP on free loopback ports and
 stores connections for them. It echoes both and takes a patient from the
-worklist. Then it generates a test study for that patient, sends it, and
-checks that every instance arrived intact.
+worklist. Then it generates a test study for that patient and uploads it into
+a test archive linked to the sandbox PACS, and a worker forwards it, as in
+production. Last, it checks that every instance arrived intact.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.config import AppConfig, prepare_data_dir
@@ -29,10 +31,13 @@ from pacsbridge.db import (
 )
 from pacsbridge.dicomnet.association import Endpoint
 from pacsbridge.dicomnet.echo import EchoReport, echo
-from pacsbridge.dicomnet.store import StoreResult, store_instances
+from pacsbridge.db.forwarding import Delivery, DeliveryState
 from pacsbridge.dicomnet.worklist import WorklistItem, WorklistQuery, query_worklist
-from pacsbridge.ingest.files import collect_instances
+from pacsbridge.forward.worker import Worker
+from pacsbridge.ingest.archives import create_archive, find_archive, link_pacs
+from pacsbridge.ingest.blobstore import BlobStore
 from pacsbridge.ingest.testimages import TestPatient, write_test_study
+from pacsbridge.ingest.upload import upload_files
 from pacsbridge.sandbox.mwl import SandboxWorklistServer, make_worklist_item
 from pacsbridge.sandbox.storage import SandboxStorageServer
 
@@ -43,6 +48,8 @@ LOGGER = logging.getLogger(__name__)
 DEMO_ORGANIZATION = "demo"
 PACS_CONNECTION = "Sandbox PACS"
 MWL_CONNECTION = "Sandbox MWL"
+ARCHIVE = "Sandbox archive"
+ACTOR = "pacsbridge demo"
 CALLING_AE_TITLE = "PACSBRIDGE"
 # Attributes that must reach the PACS exactly as the worklist gave them.
 WORKLIST_KEYS = ("PatientName", "PatientID", "AccessionNumber", "StudyInstanceUID")
@@ -65,7 +72,8 @@ class DemoResult:
     echo_reports: dict[str, EchoReport] = field(default_factory=dict)
     worklist_item: WorklistItem | None = None
     study_files: list[Path] = field(default_factory=list)
-    store_result: StoreResult | None = None
+    # Final delivery state per SOP Instance UID, after the worker drained the queue.
+    delivery_states: dict[str, str] = field(default_factory=dict)
     arrivals: list[Arrival] = field(default_factory=list)
     error: str | None = None
 
@@ -76,6 +84,7 @@ class DemoResult:
             and bool(self.arrivals)
             and all(arrival.intact for arrival in self.arrivals)
             and all(report.ok for report in self.echo_reports.values())
+            and all(state == DeliveryState.STORED.value for state in self.delivery_states.values())
         )
 
 
@@ -198,6 +207,35 @@ class Demo:
             close_database(self.sessions)
             self.sessions = None
 
+    def _upload(self, files: list[Path], report: Callable[[str], None]) -> str | None:
+        """Upload `files` into the demo's test archive, linked to the sandbox PACS; return an error or None."""
+        assert self.sessions is not None
+        blobs = BlobStore(self.config.blob_dir)
+        with self.sessions.begin() as session:
+            if find_archive(session, ARCHIVE, organization=DEMO_ORGANIZATION) is None:
+                create_archive(session, ARCHIVE, is_test=True, organization=DEMO_ORGANIZATION, actor=ACTOR)
+                link_pacs(session, ARCHIVE, PACS_CONNECTION, slot=1, organization=DEMO_ORGANIZATION, actor=ACTOR)
+            upload = upload_files(session, blobs, ARCHIVE, files, organization=DEMO_ORGANIZATION, actor=ACTOR)
+        bad = [item for item in upload.files if item.result.value not in ("accepted", "duplicate")]
+        if bad:
+            return "the upload did not accept: " + "; ".join(f"{item.path}: {item.reason}" for item in bad)
+        report(f"Uploaded {len(upload.files)} files into test archive {ARCHIVE!r}, linked to {PACS_CONNECTION}.")
+        return None
+
+    def _forward(self, result: DemoResult, report: Callable[[str], None]) -> None:
+        """Run a worker until nothing is due, then record each instance's delivery state."""
+        assert self.sessions is not None
+        summary = Worker(self.sessions, BlobStore(self.config.blob_dir)).run(drain=True)
+        report(f"Worker forwarded the study: {summary.count_stored()} deliveries stored.")
+        uids = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in result.study_files}
+        with self.sessions() as session:
+            for delivery in session.scalars(select(Delivery)):
+                uid = delivery.instance.sop_instance_uid
+                if uid in uids:
+                    result.delivery_states[uid] = delivery.state.value
+        for uid, state in sorted(result.delivery_states.items()):
+            report(f"Delivery of {uid} to {PACS_CONNECTION}: {state}")
+
     def connections(self) -> tuple[ConnectionSettings, ConnectionSettings]:
         assert self.sessions is not None
         pacs = ConnectionSettings(
@@ -256,14 +294,11 @@ class Demo:
         )
         report(f"Test study written to {study_folder} ({len(result.study_files)} instances).")
 
-        instances, rejected = collect_instances(result.study_files)
-        if rejected:
-            result.error = f"generated files were rejected: {[bad.reason for bad in rejected]}"
+        error = self._upload(result.study_files, report)
+        if error is not None:
+            result.error = error
             return result
-        result.store_result = store_instances(Endpoint.from_settings(pacs), instances)
-        for outcome in result.store_result.outcomes:
-            status = "no response" if outcome.status is None else f"status 0x{outcome.status:04X}"
-            report(f"C-STORE {outcome.sop_instance_uid}: {outcome.meaning} ({status})")
+        self._forward(result, report)
 
         result.arrivals = check_arrivals(result.study_files, self.received_folder, item)
         for arrival in result.arrivals:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import enum
+import ipaddress
 import json
 import logging
+import shlex
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -24,7 +26,6 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,6 +41,7 @@ from pacsbridge.connections import (
     Severity,
     TlsMode,
 )
+from pacsbridge.connections.settings import normalize_fingerprint
 from pacsbridge.db import (
     ConnectionNotFoundError,
     ConnectionRecord,
@@ -53,10 +55,20 @@ from pacsbridge.db import (
     to_settings,
     update_connection,
 )
+from pacsbridge.db.connections import DEFAULT_ORGANIZATION, find_organization, get_or_create_organization
+from pacsbridge.db.models import CertificateAuthorityRecord, ClientCertificateRecord, ClientCertificateStatus
 from pacsbridge.dicomnet.association import probe_endpoint_tls
 from pacsbridge.dicomnet.echo import ECHO_WAIT_CAP_SECONDS, EchoReport, echo
-from pacsbridge.db.models import ClientCertificateRecord, ClientCertificateStatus
-from pacsbridge.tls.certificates import CertificateInfo, colon_fingerprint, describe_certificate, write_output_file
+from pacsbridge.tls.certificates import (
+    MAX_UPLOAD_BYTES,
+    CertificateError,
+    CertificateInfo,
+    colon_fingerprint,
+    describe_certificate,
+    parse_certificate_upload,
+    sha256_fingerprint,
+    write_output_file,
+)
 from pacsbridge.tls.client_ca import (
     DEFAULT_GRACE_DAYS,
     ClientCertificateError,
@@ -65,11 +77,13 @@ from pacsbridge.tls.client_ca import (
     effective_status,
     ensure_client_certificate,
     find_active_certificate,
+    find_authority,
+    reissue_all,
     rotate_client_certificate,
 )
 from pacsbridge.tls.endpoints import prepare_client_identity, stored_endpoint
 from pacsbridge.tls.handshake import TlsFailure
-from pacsbridge.tls.secret_key import SecretKey, SecretKeyError, load_secret_key
+from pacsbridge.tls.secret_key import SECRET_KEY_ENV, SecretKey, SecretKeyError, load_secret_key
 
 LOGGER = logging.getLogger(__name__)
 
@@ -168,8 +182,8 @@ PinnedFingerprintOption = Annotated[
     typer.Option(
         "--pinned-fingerprint",
         metavar="HEX",
-        help="SHA-256 fingerprint of the SCP certificate to accept in encryption-only mode, 64 lower-case hex "
-        "digits. An empty value removes it.",
+        help="SHA-256 fingerprint of the SCP certificate to accept in encryption-only mode: 64 hex digits, "
+        "with or without colons. It has no effect in other TLS modes. An empty value removes it.",
     ),
 ]
 ServerNameOption = Annotated[
@@ -308,15 +322,17 @@ def _parse_float(text: str) -> float | str:
 
 
 def _read_certificate(path_text: str) -> str | None:
-    """Return the PEM text of the certificate file at `path_text`, converted from DER if needed.
+    """Return the PEM text of the certificate file at `path_text`, converted from Base64 or DER if needed.
 
-    An empty path returns None, which removes the certificate.
+    An empty path returns None, which removes the certificate. A DER file is
+    reported with a note, as Echo and 'certs show' report it.
     """
     if path_text == "":
         return None
     path = Path(path_text).expanduser()
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_UPLOAD_BYTES + 1)
     except OSError as exc:
         raise _OptionProblem(
             Problem.error(
@@ -326,22 +342,13 @@ def _read_certificate(path_text: str) -> str | None:
                 "Give the path of the SCP's certificate file.",
             )
         ) from exc
-
-    if b"-----BEGIN" in data:
-        # Non-ASCII bytes become U+FFFD, and validation then reports the file if it contains no certificate.
-        return data.decode("ascii", errors="replace")
     try:
-        certificate = x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise _OptionProblem(
-            Problem.error(
-                CERTIFICATE_FIELD,
-                path_text,
-                "is neither a PEM nor a DER certificate",
-                "Give the SCP's certificate in PEM, Base64 .cer or DER form.",
-            )
-        ) from exc
-    return certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        upload = parse_certificate_upload(data)
+    except CertificateError as exc:
+        raise _OptionProblem(Problem.error(CERTIFICATE_FIELD, path_text, exc.reason, f"{exc.fix}.")) from None
+    if upload.converted_from_der:
+        typer.echo(f"note: --scp-cert {path_text} was DER and has been converted to PEM.", err=True)
+    return upload.pem
 
 
 def _parse_worklist_filters(text: str) -> object:
@@ -364,7 +371,8 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "dimse_timeout": _parse_float,
     "connection_timeout": _parse_float,
     "scp_certificate_pem": _read_certificate,
-    "pinned_fingerprint": lambda text: text or None,
+    # An invalid value stays as given, so that validation reports it.
+    "pinned_fingerprint": lambda text: normalize_fingerprint(text) or text or None,
     "server_name": lambda text: text or None,
     "worklist_filters": _parse_worklist_filters,
 }
@@ -395,6 +403,16 @@ def _quote(text: str) -> str:
     """Quote `text` so that spaces show, escaping only unprintable characters (unlike repr, not backslashes)."""
     escaped = "".join(character if character.isprintable() else repr(character)[1:-1] for character in text)
     return f"'{escaped}'"
+
+
+def _command_line(*words: str) -> str:
+    """Return a pacsbridge command line, with shell quoting only on the words that need it."""
+    return shlex.join(["pacsbridge", *words])
+
+
+def _command(*words: str) -> str:
+    """Return a pacsbridge command line in double quotes, for use inside a sentence."""
+    return f'"{_command_line(*words)}"'
 
 
 def _display_value(value: object) -> str:
@@ -451,6 +469,32 @@ def _security_label(record: ConnectionRecord) -> str:
     if record.tls_mode == TlsMode.ACTIVE:
         return "tls-verified"
     return "tls-encryption-only"
+
+
+def _security_flags(record: ConnectionRecord) -> list[str]:
+    """Name what weakens or breaks the TLS of a connection, for the SECURITY column and the summary line."""
+    if record.tls_mode == TlsMode.INACTIVE:
+        return []
+    flags = []
+    if record.legacy_ciphers:
+        flags.append("weaker ciphers")
+    if record.tls_mode == TlsMode.ACTIVE:
+        # In active mode the stored certificate is the trust anchor, so its expiry makes the handshake fail.
+        infos = _scp_certificates(record.scp_certificate_pem)
+        if infos is None:
+            flags.append("certificate unreadable")
+        elif any(info.expired for info in infos):
+            flags.append("certificate expired")
+        elif any(info.not_yet_valid for info in infos):
+            flags.append("certificate not yet valid")
+    return flags
+
+
+def _security_text(record: ConnectionRecord) -> str:
+    """Return the security label with its flags, such as 'tls-verified (weaker ciphers)'."""
+    flags = _security_flags(record)
+    label = _security_label(record)
+    return f"{label} ({', '.join(flags)})" if flags else label
 
 
 def _security_description(record: ConnectionRecord) -> str:
@@ -526,6 +570,7 @@ def connection_to_dict(record: ConnectionRecord) -> dict[str, object]:
         _client_certificate_dict(certificate) for certificate in _newest_first(record.client_certificates)
     ]
     data["security"] = _security_label(record)
+    data["security_flags"] = _security_flags(record)
     data["created_at"] = record.created_at.isoformat()
     data["updated_at"] = record.updated_at.isoformat()
     return data
@@ -614,9 +659,25 @@ def _tls_mode_text(record: ConnectionRecord) -> str:
 
 
 def _cipher_profile_text(record: ConnectionRecord) -> str:
+    if record.tls_mode == TlsMode.INACTIVE:
+        return "n/a (TLS inactive)"
     if record.legacy_ciphers:
         return "legacy: also CBC cipher suites for old TLS stacks (WEAKER than BCP 195)"
     return "BCP 195 (TLS 1.2 or newer, AEAD cipher suites)"
+
+
+def _server_name_text(record: ConnectionRecord) -> str:
+    """Describe the TLS server name (SNI) that is sent.
+
+    Python's ssl module sends no SNI when the host is an IP address (checked with CPython 3.11).
+    """
+    if record.server_name:
+        return record.server_name
+    try:
+        ipaddress.ip_address(record.host.strip("[]"))
+    except ValueError:
+        return f"(none: the host name {record.host} is sent)"
+    return "(none: no name is sent, because the host is an IP address)"
 
 
 def _show_lines(record: ConnectionRecord) -> list[str]:
@@ -630,7 +691,7 @@ def _show_lines(record: ConnectionRecord) -> list[str]:
         ("security", _security_description(record)),
         ("tls_mode", _tls_mode_text(record)),
         ("cipher_profile", _cipher_profile_text(record)),
-        ("server_name", record.server_name or f"(none: {record.host} is sent)"),
+        ("server_name", _server_name_text(record)),
         ("check_hostname", "yes" if record.check_hostname else "no"),
         *_scp_certificate_lines(record.scp_certificate_pem),
         ("pinned_fingerprint", colon_fingerprint(record.pinned_fingerprint) if record.pinned_fingerprint else "(none)"),
@@ -656,7 +717,7 @@ def _show_lines(record: ConnectionRecord) -> list[str]:
 
 
 def _summary(record: ConnectionRecord) -> str:
-    return f"{_quote(record.name)} ({record.kind.value}, {_address(record)}, {_security_label(record)})"
+    return f"{_quote(record.name)} ({record.kind.value}, {_address(record)}, {_security_text(record)})"
 
 
 def _echo_json(data: object) -> None:
@@ -671,6 +732,11 @@ _PEER_FIELDS = ("host", "port", "tls_mode", "scp_certificate_pem", "server_name"
 
 def _uses_client_certificate(record: ConnectionRecord) -> bool:
     return record.tls_mode != TlsMode.INACTIVE and record.scu_authentication == ScuAuthentication.CLIENT_CERTIFICATE
+
+
+def _sentence(text: str) -> str:
+    """Return `text` ending with a full stop, for messages that continue after it."""
+    return text if text.endswith(".") else f"{text}."
 
 
 def _secret_key_or_exit() -> SecretKey:
@@ -694,19 +760,60 @@ def _issue_client_certificate_if_needed(session: Session, record: ConnectionReco
     except SecretKeyError as exc:
         typer.echo(f"warning: no client certificate was issued yet: {exc}", err=True)
         typer.echo(
-            f"Then run 'pacsbridge connections client-cert {_quote(record.name)}' to issue and download it.",
+            f"Then run {_command('connections', 'client-cert', record.name)} to issue and download it.",
             err=True,
         )
         return
     try:
         certificate, _ = ensure_client_certificate(session, record, secret_key)
     except (SecretKeyError, ClientCertificateError) as exc:
-        _fail(f"{exc}. Nothing was stored.", EXIT_FAILED)
+        _fail(f"{_sentence(str(exc))} Nothing was stored.", EXIT_FAILED)
     typer.echo(
         f"Issued client certificate SHA-256 {colon_fingerprint(certificate.fingerprint)}, valid until "
-        f"{_date(certificate.not_after)}. Download it with 'pacsbridge connections client-cert "
-        f"{_quote(record.name)}' and give it to the PACS admin."
+        f"{_date(certificate.not_after)}. Give the PACS admin the organization's CA certificate to trust, "
+        "because the SCP then also accepts later client certificates. Download both with "
+        f"{_command('connections', 'client-cert', record.name, '--ca')}."
     )
+
+
+def _advisory_warnings(
+    settings: ConnectionSettings, *, certificate_given: bool, security_changed: bool
+) -> list[Problem]:
+    """Warn about an uploaded SCP certificate that has expired or expires soon, and about an unsecured connection.
+
+    These settings are valid, so they are stored, but they limit what the
+    connection can do.
+    """
+    problems: list[Problem] = []
+    infos = _scp_certificates(settings.scp_certificate_pem) if certificate_given else None
+    for number, info in enumerate(infos or [], start=1):
+        subject = "" if len(infos or []) == 1 else f"contains certificate {number} ({info.subject}), which "
+        if info.expired:
+            reason = f"{subject}expired on {_date(info.not_after)}"
+        elif info.expires_soon:
+            reason = f"{subject}expires in {info.days_left} days, on {_date(info.not_after)}"
+        else:
+            continue
+        problems.append(
+            Problem.warning(
+                CERTIFICATE_FIELD,
+                None,
+                reason,
+                "TLS handshakes fail once the SCP certificate has expired. Ask the PACS admin for the renewed "
+                "certificate and upload it with --scp-cert.",
+            )
+        )
+    if security_changed and settings.tls_mode == TlsMode.INACTIVE and not settings.test_only:
+        problems.append(
+            Problem.warning(
+                "tls_mode",
+                TlsMode.INACTIVE.value,
+                "makes the connection unsecured, so only test data will be forwarded to it",
+                "To send real studies, choose --tls active or --tls encryption-only. To mark it as a test "
+                "connection, give --test-only.",
+            )
+        )
+    return problems
 
 
 def _kept_security_notes(
@@ -719,7 +826,7 @@ def _kept_security_notes(
         options = ", ".join(OPTION_NAMES[field] for field in changed)
         notes.append(
             f"the pinned fingerprint {colon_fingerprint(after.pinned_fingerprint)} was kept although {options} "
-            f"changed. Run 'pacsbridge connections echo {_quote(after.name)}' to check that the SCP still "
+            f"changed. Run {_command('connections', 'echo', after.name)} to check that the SCP still "
             "presents that certificate, and 'connections confirm-fingerprint' to pin a new one, or remove the pin "
             "with --pinned-fingerprint ''."
         )
@@ -736,14 +843,6 @@ def _kept_security_notes(
             "SCU authentication is now off: the client certificates are kept and used again when it is turned on."
         )
     return notes
-
-
-def normalize_fingerprint(text: str) -> str | None:
-    """Return a SHA-256 fingerprint (colon form accepted) as 64 lower-case hex digits, or None when invalid."""
-    compact = "".join(text.split()).replace(":", "").lower()
-    if len(compact) != 64 or any(character not in "0123456789abcdef" for character in compact):
-        return None
-    return compact
 
 
 # Commands -------------------------------------------------------------------
@@ -820,7 +919,8 @@ def add_command(
         except InvalidSettingsError as exc:
             _exit_if_errors(exc.problems, labels)
             raise
-        _print_problems(report.warnings, labels)
+        advisories = _advisory_warnings(to_settings(record), certificate_given=bool(scp_cert), security_changed=True)
+        _print_problems(report.warnings + advisories, labels)
         typer.echo(f"Added connection {_summary(record)}.")
         _issue_client_certificate_if_needed(session, record)
 
@@ -901,7 +1001,12 @@ def edit_command(
         except InvalidSettingsError as exc:
             _exit_if_errors(exc.problems, labels)
             raise
-        _print_problems(report.warnings, labels)
+        advisories = _advisory_warnings(
+            to_settings(record),
+            certificate_given=bool(scp_cert),
+            security_changed="tls_mode" in changes or "test_only" in changes,
+        )
+        _print_problems(report.warnings + advisories, labels)
         typer.echo(f"Updated connection {_summary(record)}.")
         for note in _kept_security_notes(before, to_settings(record), changes):
             typer.echo(f"note: {note}", err=True)
@@ -927,7 +1032,7 @@ def list_command(json_output: JsonOption = False, data_dir: DataDirOption = None
                 _address(record),
                 _quote(record.calling_ae_title),
                 _quote(record.called_ae_title),
-                _security_label(record),
+                _security_text(record),
                 "yes" if record.test_only else "no",
             )
             for record in records
@@ -979,7 +1084,7 @@ def _load_for_network(
     try:
         return settings, prepare_client_identity(session, record)
     except (SecretKeyError, ClientCertificateError) as exc:
-        _fail(str(exc), EXIT_FAILED)
+        _fail(_sentence(str(exc)), EXIT_FAILED)
 
 
 def _pinning_hint(settings: ConnectionSettings, report: EchoReport) -> str | None:
@@ -1001,7 +1106,7 @@ def _pinning_hint(settings: ConnectionSettings, report: EchoReport) -> str | Non
     if "different from the pinned one" in handshake.detail:
         return (
             "If the PACS admin confirms that the certificate was replaced, pin the new one with "
-            f"'pacsbridge connections confirm-fingerprint {quoted} FINGERPRINT'."
+            f"{_command('connections', 'confirm-fingerprint', settings.name, 'FINGERPRINT')}."
         )
     return None
 
@@ -1120,13 +1225,20 @@ def rotate_client_cert_command(
         typer.Option(
             "--grace-days",
             metavar="DAYS",
-            help="Days the previous certificate stays marked as retiring, so that the hospital can switch over. "
-            "0 retires it at once.",
+            help="Days the previous certificate stays marked as retiring, as a record of when the PACS admin "
+            "may remove it from the SCP. pacsbridge stops sending it at once either way. 0 marks it retired.",
         ),
     ] = DEFAULT_GRACE_DAYS,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Issue a new client certificate for sending, and mark the previous one as retiring for the grace period."""
+    """Issue a new client certificate and send with it from now on.
+
+    SCPs that trust the organization's CA certificate (recommended, see
+    'client-cert --ca') accept the new certificate at once. An SCP that
+    trusts only the previous client certificate rejects pacsbridge until its
+    PACS admin adds the new one. The previous certificate is marked as
+    retiring for --grace-days, but it is no longer sent.
+    """
     with open_sessions(data_dir) as sessions, sessions.begin() as session:
         try:
             record = get_connection(session, name)
@@ -1135,7 +1247,7 @@ def rotate_client_cert_command(
         if not _uses_client_certificate(record):
             _fail(
                 f"connection {_quote(record.name)} does not authenticate with a client certificate. Turn it on "
-                f"with 'pacsbridge connections edit {_quote(record.name)} --scu-auth client-certificate' "
+                f"with {_command('connections', 'edit', record.name, '--scu-auth', 'client-certificate')} "
                 "(TLS must be active or encryption-only).",
                 EXIT_INVALID,
             )
@@ -1143,25 +1255,33 @@ def rotate_client_cert_command(
         try:
             new, previous = rotate_client_certificate(session, record, secret_key, grace_days=grace_days)
         except ClientCertificateError as exc:
-            _fail(f"{exc}.", EXIT_INVALID)
+            _fail(_sentence(str(exc)), EXIT_INVALID)
         except SecretKeyError as exc:
             _fail(str(exc), EXIT_FAILED)
         typer.echo(
             f"Issued client certificate SHA-256 {colon_fingerprint(new.fingerprint)}, valid until "
             f"{_date(new.not_after)}. pacsbridge sends with it from now on."
         )
+        typer.echo(
+            "SCPs that trust the organization's CA certificate accept it at once. An SCP that trusts only the "
+            "previous client certificate rejects pacsbridge until its PACS admin adds the new one. Download it "
+            f"with {_command('connections', 'client-cert', record.name)}, or better the CA certificate with "
+            f"{_command('connections', 'client-cert', record.name, '--ca')}."
+        )
         if previous is None:
             typer.echo("The connection had no active client certificate before.")
         elif previous.status == ClientCertificateStatus.RETIRING:
             assert previous.retire_after is not None
             typer.echo(
-                f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is retiring until "
-                f"{_date(previous.retire_after)} ({grace_days} days): give the new certificate to the PACS admin "
-                "before then. Download it with "
-                f"'pacsbridge connections client-cert {_quote(record.name)}'."
+                f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is no longer sent. It "
+                f"is marked as retiring until {_date(previous.retire_after)} ({grace_days} days), and the PACS "
+                "admin can remove it from the SCP's trusted certificates."
             )
         else:
-            typer.echo(f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is retired.")
+            typer.echo(
+                f"The previous certificate SHA-256 {colon_fingerprint(previous.fingerprint)} is retired and no "
+                "longer sent."
+            )
 
 
 @connections_app.command("client-cert")
@@ -1172,13 +1292,21 @@ def client_cert_command(
         typer.Option("--out", metavar="FILE", help="Write the PEM to FILE (replacing it) instead of printing it."),
     ] = None,
     ca: Annotated[
-        bool, typer.Option("--ca", help="Append the organization's CA certificate after the client certificate.")
+        bool,
+        typer.Option(
+            "--ca",
+            help="Append the organization's CA certificate after the client certificate. Recommended: an SCP "
+            "that trusts the CA also accepts rotated client certificates without a change.",
+        ),
     ] = False,
     data_dir: DataDirOption = None,
 ) -> None:
     """Print or write the active client certificate (PEM) for the PACS admin, but never its private key.
 
-    The first certificate is issued now if the connection has none yet.
+    The first certificate is issued now if the connection has none yet. Have
+    the PACS admin trust the organization's CA certificate (--ca) rather than
+    the client certificate alone, so that the SCP accepts the next certificate
+    after 'rotate-client-cert' at once.
     """
     with open_sessions(data_dir) as sessions, sessions.begin() as session:
         try:
@@ -1190,11 +1318,11 @@ def client_cert_command(
             try:
                 active, _ = ensure_client_certificate(session, record, _secret_key_or_exit())
             except (SecretKeyError, ClientCertificateError) as exc:
-                _fail(str(exc), EXIT_FAILED)
+                _fail(_sentence(str(exc)), EXIT_FAILED)
         if active is None:
             _fail(
                 f"connection {_quote(record.name)} has no client certificate. Turn on SCU authentication with "
-                f"'pacsbridge connections edit {_quote(record.name)} --scu-auth client-certificate' "
+                f"{_command('connections', 'edit', record.name, '--scu-auth', 'client-certificate')} "
                 "(TLS must be active or encryption-only).",
                 EXIT_FAILED,
             )
@@ -1203,8 +1331,17 @@ def client_cert_command(
             ca_pem = authority_certificate_pem(session, record)
             assert ca_pem is not None, "an issued client certificate implies its CA"
             pem += ca_pem
+    ca_hint = (
+        None
+        if ca
+        else "note: have the PACS admin trust the organization's CA certificate (recommended), which "
+        f"{_command('connections', 'client-cert', record.name, '--ca')} appends, so that the SCP accepts "
+        "rotated client certificates at once."
+    )
     if out is None:
         typer.echo(pem, nl=False)
+        if ca_hint is not None:
+            typer.echo(ca_hint, err=True)
         return
     try:
         write_output_file(out, pem.encode("ascii"), mode=0o644, overwrite=True)
@@ -1212,3 +1349,86 @@ def client_cert_command(
         _fail(f"cannot write {str(out)!r} ({exc.strerror or exc}). Choose another --out file.", EXIT_FAILED)
     contents = "client certificate and CA certificate" if ca else "client certificate"
     typer.echo(f"Wrote the {contents} (SHA-256 {colon_fingerprint(active.fingerprint)}) to {out}.", err=True)
+    if ca_hint is not None:
+        typer.echo(ca_hint, err=True)
+
+
+@connections_app.command("reissue-client-certs")
+def reissue_client_certs_command(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm the replacement. Without it, only the plan is printed.")
+    ] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Replace the organization's CA and every client certificate, for when PACSBRIDGE_SECRET_KEY was lost.
+
+    Creates a new CA and new client certificates for all connections with SCU
+    authentication, encrypted with the current PACSBRIDGE_SECRET_KEY. The old
+    client certificates are retired at once. No old private key is decrypted,
+    so this works after the old key is lost. Every SCP that checks client
+    certificates rejects pacsbridge until its PACS admin trusts the new CA
+    certificate ('client-cert NAME --ca').
+    """
+    with open_sessions(data_dir) as sessions, sessions.begin() as session:
+        secret_key = _secret_key_or_exit()
+        organization = find_organization(session, DEFAULT_ORGANIZATION)
+        connections = [] if organization is None else list_connections(session)
+        to_issue = [record.name for record in connections if _uses_client_certificate(record)]
+        authority = None if organization is None else find_authority(session, organization)
+        if not yes:
+            _print_reissue_plan(authority, to_issue, secret_key)
+            _fail(
+                f"nothing was changed. Run {_command('connections', 'reissue-client-certs', '--yes')} to make "
+                "these changes.",
+                EXIT_INVALID,
+            )
+        if authority is None and not to_issue:
+            typer.echo(
+                "Nothing to reissue, because the organization has no CA and no connection with SCU authentication."
+            )
+            return
+        organization = get_or_create_organization(session, DEFAULT_ORGANIZATION)
+        try:
+            result = reissue_all(session, organization, secret_key)
+        except ClientCertificateError as exc:
+            _fail(_sentence(str(exc)), EXIT_FAILED)
+        new_fingerprint = sha256_fingerprint(
+            x509.load_pem_x509_certificate(result.authority.certificate_pem.encode("ascii"))
+        )
+        replaced = (
+            f" It replaces the CA SHA-256 {colon_fingerprint(result.previous_authority_fingerprint)}."
+            if result.previous_authority_fingerprint
+            else ""
+        )
+        typer.echo(f"Created a new organization CA, SHA-256 {colon_fingerprint(new_fingerprint)}.{replaced}")
+        typer.echo(f"Retired {len(result.retired)} client certificate(s).")
+        for connection, certificate in result.issued:
+            typer.echo(
+                f"Issued client certificate SHA-256 {colon_fingerprint(certificate.fingerprint)} for connection "
+                f"{_quote(connection.name)}."
+            )
+        if result.issued:
+            typer.echo(
+                "Give the new CA certificate to the PACS admin of each hospital, to trust in place of the old CA "
+                "or client certificate. Until then, SCPs that check client certificates reject pacsbridge. "
+                "Download it per connection with:"
+            )
+            for connection, _ in result.issued:
+                typer.echo(f"  {_command_line('connections', 'client-cert', connection.name, '--ca')}")
+
+
+def _print_reissue_plan(
+    authority: CertificateAuthorityRecord | None, to_issue: list[str], secret_key: SecretKey
+) -> None:
+    """Print what 'reissue-client-certs --yes' would replace."""
+    if authority is None:
+        typer.echo("The organization has no CA yet. One would be created.")
+    else:
+        fingerprint = sha256_fingerprint(x509.load_pem_x509_certificate(authority.certificate_pem.encode("ascii")))
+        typer.echo(f"The organization's CA SHA-256 {colon_fingerprint(fingerprint)} would be replaced by a new one.")
+    names = ", ".join(_quote(name) for name in to_issue) or "(none)"
+    typer.echo(f"Connections that would get a new client certificate: {names}.")
+    typer.echo("All current client certificates would be retired at once.")
+    typer.echo(
+        f"The new private keys would be encrypted with the current {SECRET_KEY_ENV} (key id {secret_key.id})."
+    )

@@ -32,6 +32,7 @@ from pacsbridge.connections import (
     ValidationReport,
     validate_settings,
 )
+from pacsbridge.connections.settings import normalize_fingerprint
 from pacsbridge.db.models import NAME_MAX_LENGTH, ConnectionRecord, Organization, utc_now
 
 LOGGER = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ def _normalize(settings: ConnectionSettings) -> ConnectionSettings:
         port=int(settings.port),
         tls_mode=TlsMode(settings.tls_mode),
         scp_certificate_pem=settings.scp_certificate_pem or None,
+        # Validation accepted the colon form too, and pins are stored as 64 lower-case hex digits.
+        pinned_fingerprint=normalize_fingerprint(settings.pinned_fingerprint),
         scu_authentication=ScuAuthentication(settings.scu_authentication),
         image_compression=Compression(settings.image_compression),
         loop_compression=Compression(settings.loop_compression),
@@ -341,7 +344,9 @@ def update_connection(
     positional-only, so `name=...` renames the connection.
     The merged settings are validated as in `save_connection`, and nothing
     changes when they have errors. Raises ConnectionNotFoundError for an
-    unknown name and TypeError for an unknown field.
+    unknown name and TypeError for an unknown field. A change of the endpoint
+    (host, port, AE titles, TLS settings) puts the connection's queued and
+    retrying deliveries on hold (see `pacsbridge.forward.holds`).
     """
     unknown = sorted(set(changes) - set(SETTINGS_FIELDS))
     if unknown:
@@ -357,8 +362,13 @@ def update_connection(
     normalized = _normalize(merged)
     changed = [field for field in SETTINGS_FIELDS if getattr(record, field) != getattr(normalized, field)]
     if changed:
+        # Imported here because pacsbridge.forward imports this package.
+        from pacsbridge.forward.holds import endpoint_snapshot, hold_deliveries_on_change
+
+        endpoint_before = endpoint_snapshot(record)
         _write(session, record, normalized, organization, existing=record)
         LOGGER.info("Updated connection id=%d fields=%s", record.id, ",".join(changed))
+        hold_deliveries_on_change(session, record, endpoint_before)
     return record, report
 
 

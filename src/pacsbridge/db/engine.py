@@ -11,6 +11,8 @@ REPLACE.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -62,6 +64,9 @@ def create_database_engine(url: str | URL) -> Engine:
     return engine
 
 
+_WAL_SWITCH_ATTEMPTS = 20
+
+
 def _configure_sqlite_connection(dbapi_connection: Any, connection_record: object) -> None:
     # Stop the sqlite3 module from issuing BEGIN on its own, because the "begin" event issues it.
     dbapi_connection.isolation_level = None
@@ -70,9 +75,23 @@ def _configure_sqlite_connection(dbapi_connection: Any, connection_record: objec
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         # An in-memory database reports "memory" and stays in that mode.
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _set_wal_mode(cursor)
     finally:
         cursor.close()
+
+
+def _set_wal_mode(cursor: Any) -> None:
+    # Switching a new file to WAL needs a moment of exclusive access, and
+    # SQLite may report "database is locked" at once instead of waiting for
+    # the busy timeout when other connections open the same file meanwhile.
+    for attempt in range(_WAL_SWITCH_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _WAL_SWITCH_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def _begin_sqlite_transaction(connection: Connection) -> None:

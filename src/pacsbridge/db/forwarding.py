@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -72,6 +73,8 @@ class AttemptOutcome(enum.StrEnum):
     FAILED = "failed"
     # The worker lost its lease (it died or stalled) before recording a response.
     LEASE_LOST = "lease-lost"
+    # The worker stopped before sending this instance, so the try does not count.
+    NOT_SENT = "not-sent"
 
 
 class DestinationState(enum.StrEnum):
@@ -170,6 +173,16 @@ class Instance(Base):
         CheckConstraint(_in_values("state", InstanceState), name="state"),
         UniqueConstraint("organization_id", "sop_instance_uid", "blob_sha256"),
         Index("ix_instances_study_id", "study_id"),
+        # One sendable version per SOP Instance UID, even when two uploads of
+        # different bytes commit at the same moment.
+        Index(
+            "uq_instances_one_ok_version",
+            "organization_id",
+            "sop_instance_uid",
+            unique=True,
+            sqlite_where=text("state = 'ok'"),
+            postgresql_where=text("state = 'ok'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

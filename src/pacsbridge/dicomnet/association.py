@@ -335,6 +335,12 @@ def open_association(endpoint: Endpoint, contexts: Sequence[PresentationContext]
         kwargs["tls_args"] = (context, endpoint.tls.server_name or endpoint.host)
     assoc = ae.associate(endpoint.host, endpoint.port, **kwargs)
     if assoc.is_established:
+        # pynetdicom 3.0.4 leaves the socket blocking once connected, so a peer
+        # that stops reading would block a C-STORE send for ever. A deadline on
+        # every socket operation turns that into a timeout and an abort.
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(max(endpoint.dimse_timeout, endpoint.acse_timeout))
         _check_peer(assoc, endpoint)
         LOGGER.info(
             "association established with %s (%d contexts accepted, %s)",

@@ -112,6 +112,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.create_index('ix_instances_study_id', ['study_id'], unique=False)
+        batch_op.create_index(
+            'uq_instances_one_ok_version',
+            ['organization_id', 'sop_instance_uid'],
+            unique=True,
+            sqlite_where=sa.text("state = 'ok'"),
+            postgresql_where=sa.text("state = 'ok'"),
+        )
 
     op.create_table('deliveries',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -151,7 +158,7 @@ def upgrade() -> None:
     sa.Column('outcome', sa.String(32), nullable=True),
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('detail', sa.Text(), nullable=True),
-    sa.CheckConstraint("outcome IN ('stored', 'retry', 'needs-attention', 'failed', 'lease-lost')", name=op.f('ck_delivery_attempts_outcome')),
+    sa.CheckConstraint("outcome IN ('stored', 'retry', 'needs-attention', 'failed', 'lease-lost', 'not-sent')", name=op.f('ck_delivery_attempts_outcome')),
     sa.ForeignKeyConstraint(['delivery_id'], ['deliveries.id'], name=op.f('fk_delivery_attempts_delivery_id_deliveries'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_delivery_attempts'))
     )
@@ -173,6 +180,7 @@ def downgrade() -> None:
 
     op.drop_table('deliveries')
     with op.batch_alter_table('instances', schema=None) as batch_op:
+        batch_op.drop_index('uq_instances_one_ok_version')
         batch_op.drop_index('ix_instances_study_id')
 
     op.drop_table('instances')
