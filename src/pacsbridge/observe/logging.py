@@ -31,4 +31,6 @@ def configure_logging(level: str | int = "WARNING") -> None:
     pynetdicom_level = logging.INFO if level <= logging.INFO else logging.CRITICAL
     logging.getLogger("pynetdicom").setLevel(max(level, pynetdicom_level))
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    # Alembic reports every migration context at INFO on each start; keep that for DEBUG.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING) if level > logging.DEBUG else level)
     warnings.filterwarnings("ignore", module=r"pydicom\..*")
