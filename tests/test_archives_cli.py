@@ -15,7 +15,7 @@ from typer.testing import CliRunner, Result
 import pacsbridge.cli.main  # noqa: F401  (registers every command on the app)
 from conftest import SAMPLES
 from pacsbridge.cli.app import app
-from pacsbridge.ingest.archives import UNSECURED_REASON
+from pacsbridge.ingest.archives import unsecured_reason
 from pacsbridge.ingest.testimages import write_test_study
 
 # Keep a developer's own configuration out of the tests.
@@ -160,12 +160,12 @@ def test_upload_round_trip(linked: Path, tmp_path: Path) -> None:
     assert data["counts"]["accepted"] == 4
     by_name = {Path(file["path"]).name: file for file in data["files"]}
     assert by_name["US1_UNCR.dcm"]["deliveries"] == {"PACS TLS": "queued", "PACS Plain": "needs-attention"}
-    assert by_name["US1_UNCR.dcm"]["delivery_reasons"] == {"PACS Plain": UNSECURED_REASON}
+    assert by_name["US1_UNCR.dcm"]["delivery_reasons"] == {"PACS Plain": unsecured_reason("PACS Plain")}
     assert by_name[test_study[0].name]["deliveries"] == {"PACS TLS": "queued", "PACS Plain": "queued"}
 
     studies = json.loads(run_ok(linked, "studies", "list", "--json").stdout)
     states = {item["study_instance_uid"]: {d["connection"]: d["state"] for d in item["destinations"]} for item in studies}
-    assert states[study_uid(real)] == {"PACS TLS": "in progress", "PACS Plain": "failed"}
+    assert states[study_uid(real)] == {"PACS TLS": "in progress", "PACS Plain": "needs attention"}
     assert states[study_uid(test_study[0])] == {"PACS TLS": "in progress", "PACS Plain": "in progress"}
 
 
@@ -246,7 +246,7 @@ def test_studies_resend_after_link(linked: Path) -> None:
     after = json.loads(run_ok(linked, "studies", "list", "--json").stdout)
 
     assert {d["connection"]: d["state"] for d in before[0]["destinations"]}["PACS Late"] == "not queued"
-    assert "'PACS Late': 1 deliveries created" in result.stdout
+    assert "'PACS Late': 1 delivery created" in result.stdout
     assert {d["connection"]: d["counts"] for d in after[0]["destinations"]}["PACS Late"] == {"queued": 1}
 
 
@@ -275,7 +275,7 @@ def test_studies_list_text(linked: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("STUDY INSTANCE UID")
     assert any("PACS TLS" in line and "in progress (1 queued)" in line for line in lines)
-    assert any("PACS Plain" in line and "failed (1 needs-attention)" in line for line in lines)
+    assert any("PACS Plain" in line and "needs attention (1 needs-attention)" in line for line in lines)
 
 
 def test_studies_list_unknown_archive_exits_1(data_dir: Path) -> None:

@@ -6,11 +6,13 @@ delivery. Retry delays are long, so a retried delivery stays `retrying`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from fake_peers import storage_peer
 from forward_helpers import (
     add_archive,
@@ -31,9 +33,12 @@ from pacsbridge.db.forwarding import (
     DeliveryState,
     Instance,
 )
+from pacsbridge.dicomnet.association import Endpoint
+from pacsbridge.dicomnet.store import store_instances
 from pacsbridge.forward.policy import ForwardingPolicy
 from pacsbridge.forward.worker import Worker
 from pacsbridge.ingest.blobstore import BlobStore
+from pacsbridge.ingest.files import inspect_file
 
 POLICY = ForwardingPolicy(retry_base_seconds=3600, poll_seconds=0.1)
 
@@ -156,3 +161,15 @@ def test_peer_that_stops_reading_retries(tmp_path: Path) -> None:
             assert delivery.state == DeliveryState.RETRYING
     finally:
         close_database(sessions)
+
+
+def test_refused_connection_logs_not_sent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    instance = inspect_file(write_instances(tmp_path / "study", 1)[0])
+    # Nothing listens on this port, so the TCP connection is refused and nothing is sent.
+    endpoint = Endpoint("127.0.0.1", free_port(), "PACSBRIDGE", "NOBODY", connection_timeout=5)
+    with caplog.at_level(logging.INFO, logger="pacsbridge.dicomnet.store"):
+        store_instances(endpoint, [instance])
+    [line] = [record.getMessage() for record in caplog.records if record.getMessage().startswith("C-STORE")]
+    assert line.startswith(f"C-STORE {instance.sop_instance_uid} to NOBODY@127.0.0.1:")
+    assert ": not sent: Connection to 127.0.0.1 port " in line
+    assert "failure" not in line

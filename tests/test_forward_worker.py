@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import free_port
 from fake_peers import storage_peer
 from forward_helpers import (
     add_archive,
@@ -30,7 +31,7 @@ from pacsbridge.db.forwarding import (
 )
 from pacsbridge.forward.policy import ForwardingPolicy
 from pacsbridge.forward.worker import Worker, new_worker_id
-from pacsbridge.ingest.archives import UNSECURED_REASON
+from pacsbridge.ingest.archives import unsecured_reason
 from pacsbridge.ingest.blobstore import BlobStore
 
 CLI = [sys.executable, "-m", "pacsbridge.cli.main"]
@@ -60,10 +61,13 @@ def test_unsecured_real_study_not_sent(tmp_path: Path) -> None:
     try:
         assert received == []
         assert set(delivery_states(sessions).values()) == {DeliveryState.NEEDS_ATTENTION}
-        assert reasons(sessions) == [UNSECURED_REASON, UNSECURED_REASON]
+        assert reasons(sessions) == [unsecured_reason("PACS"), unsecured_reason("PACS")]
         with sessions.begin() as session:
             outcomes = {attempt.outcome for attempt in session.scalars(select(DeliveryAttempt))}
+            tries = [row.attempts for row in session.scalars(select(Delivery))]
         assert outcomes == {AttemptOutcome.NEEDS_ATTENTION}
+        # The guard blocked the send before connecting, so no try is counted.
+        assert tries == [0, 0]
     finally:
         close_database(sessions)
 
@@ -120,7 +124,8 @@ def test_drain_exit_status(tmp_path: Path) -> None:
             failed = subprocess.run([*CLI, "worker", "--drain", "--data-dir", str(data_dir)],
                                     capture_output=True, text=True, timeout=60, check=False)
             assert failed.returncode == 1, failed.stderr
-            assert "1 deliveries were not stored" in failed.stderr
+            assert "1 of the 2 deliveries handled in this run was not stored." in failed.stderr
+            assert "PACS: 1 needs attention" in failed.stderr
 
             idle = subprocess.run([*CLI, "worker", "--drain", "--data-dir", str(data_dir)],
                                   capture_output=True, text=True, timeout=60, check=False)
@@ -172,5 +177,57 @@ def test_sigterm_finishes_response_and_releases(tmp_path: Path) -> None:
         assert states.count(DeliveryState.STORED) == len(received)
         assert states.count(DeliveryState.QUEUED) == 5 - len(received)
         assert DeliveryState.SENDING not in states
+    finally:
+        close_database(sessions)
+
+
+def test_drain_reports_outstanding_work(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    config, sessions = open_test_database(data_dir)
+    blobs = BlobStore(config.blob_dir)
+    # Nothing listens on this port, so every connection is refused.
+    refused_port = free_port()
+    try:
+        with sessions.begin() as session:
+            add_pacs(session, "PACS-A", refused_port)
+            add_pacs(session, "PACS-B", refused_port)
+            add_archive(session, "ward", ["PACS-A", "PACS-B"])
+            store_study(session, blobs, "ward", write_instances(tmp_path / "study", 2))
+            for row in session.scalars(select(Delivery)):
+                if row.connection.name == "PACS-B":
+                    row.state = DeliveryState.HELD
+        run = subprocess.run(
+            [*CLI, "worker", "--drain", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PACSBRIDGE_FORWARD_DOWN_AFTER_FAILURES": "1"},
+        )
+        assert run.returncode == 1, run.stderr
+        assert "2 of the 2 deliveries handled in this run were not stored." in run.stderr
+        assert "PACS-A: 2 retrying; destination down since " in run.stderr
+        assert ", next probe " in run.stderr
+        assert "PACS-B: 2 held (needs release)" in run.stderr
+        assert '2 deliveries are held: release them with "pacsbridge deliveries release --all"' in run.stderr
+    finally:
+        close_database(sessions)
+
+
+def test_drain_all_stored_exits_0(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    config, sessions = open_test_database(data_dir)
+    blobs = BlobStore(config.blob_dir)
+    try:
+        with storage_peer() as port:
+            with sessions.begin() as session:
+                add_pacs(session, "PACS", port)
+                add_archive(session, "ward", ["PACS"])
+                store_study(session, blobs, "ward", write_instances(tmp_path / "study", 2))
+            run = subprocess.run([*CLI, "worker", "--drain", "--data-dir", str(data_dir)],
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert run.returncode == 0, run.stderr
+        assert "Left to do" not in run.stderr
+        assert set(delivery_states(sessions).values()) == {DeliveryState.STORED}
     finally:
         close_database(sessions)

@@ -23,7 +23,7 @@ from pacsbridge.connections import TlsMode
 from pacsbridge.db import close_database, downgrade, open_database
 from pacsbridge.db.forwarding import Delivery, DeliveryState, Instance, InstanceState, Study
 from pacsbridge.ingest import upload as upload_module
-from pacsbridge.ingest.archives import UNSECURED_REASON, create_archive, link_pacs, resend_study
+from pacsbridge.ingest.archives import create_archive, link_pacs, resend_study, unsecured_reason
 from pacsbridge.ingest.blobstore import BlobStore
 from pacsbridge.ingest.testimages import write_test_study
 from pacsbridge.ingest.upload import FileOutcome
@@ -83,7 +83,7 @@ def test_postgres_upload_outcomes(
                 Instance.sop_instance_uid == real_uid, Delivery.state == DeliveryState.NEEDS_ATTENTION
             )
         ).one()
-        assert blocked.reason == UNSECURED_REASON
+        assert blocked.reason == unsecured_reason("PACS Plain")
         conflicting = session.scalars(select(Instance).where(Instance.state == InstanceState.NEEDS_ATTENTION)).one()
         assert conflicting.deliveries == []
 
@@ -117,7 +117,9 @@ def test_postgres_resend_after_link(sessions: sessionmaker[Session], blobs: Blob
         result = resend_study(session, str(dcmread(sample, stop_before_pixels=True).StudyInstanceUID), actor=ACTOR)
 
     assert dict(result.created) == {"PACS Late": 1}
-    assert sum(result.reset.values()) == 1  # the needs-attention delivery to 'PACS Plain'
+    # The needs-attention delivery to the unsecured 'PACS Plain' goes straight back to needs-attention.
+    assert sum(result.reset.values()) == 0
+    assert dict(result.needs_attention_again) == {"PACS Plain": 1}
     assert sum(result.unchanged.values()) == 1  # the queued delivery to 'PACS TLS'
     with sessions.begin() as session:
         assert count(session, Delivery) == 3

@@ -27,15 +27,16 @@ from pacsbridge.db.forwarding import (
 )
 from pacsbridge.ingest import upload as upload_module
 from pacsbridge.ingest.archives import (
-    UNSECURED_REASON,
     ArchiveError,
     create_archive,
     link_pacs,
     resend_study,
     summarize_studies,
     unlink,
+    unsecured_reason,
 )
 from pacsbridge.ingest.blobstore import BlobStore
+from pacsbridge.ingest.files import UnreadableFileError, inspect_file
 from pacsbridge.ingest.testimages import write_test_study
 from pacsbridge.ingest.upload import FileOutcome, UploadResult, upload_files
 
@@ -299,6 +300,7 @@ def test_upload_rejects_broken_files_one_by_one(
         assert by_path[path].instance_id is None
     assert "not a DICOM Part-10 file" in by_path[text_file].reason
     assert "truncated" in by_path[SAMPLES / "MR_truncated.dcm"].reason
+    assert by_path[SAMPLES / "MR_truncated.dcm"].reason.endswith("export it again from its source")
     with sessions.begin() as session:
         assert count(session, Instance) == len(good)
         assert count(session, Delivery) == len(good) * 2
@@ -406,6 +408,9 @@ def test_upload_changed_bytes_needs_attention(
         assert (versions[0].id, versions[0].blob_sha256, versions[0].state) == (stored_id, stored_sha, InstanceState.OK)
         assert versions[1].state == InstanceState.NEEDS_ATTENTION
         assert f"instance {stored_id}" in versions[1].reason
+        assert (
+            f"stored version SHA-256 {stored_sha}, this file SHA-256 {versions[1].blob_sha256}" in versions[1].reason
+        )
         assert versions[1].deliveries == []
         assert len(versions[0].deliveries) == 2
     assert blobs.open_path(stored_sha).read_bytes() == original.read_bytes()
@@ -542,7 +547,7 @@ def test_unsecured_real_study_needs_attention(
     with sessions.begin() as session:
         delivery = session.scalars(select(Delivery)).one()
         assert delivery.state == DeliveryState.NEEDS_ATTENTION
-        assert delivery.reason == UNSECURED_REASON
+        assert delivery.reason == unsecured_reason("Unsecured PACS")
         assert delivery.reason.startswith("connection is unsecured")
 
 
@@ -673,9 +678,42 @@ def test_resend_keeps_unsecured_block(
     with sessions.begin() as session:
         result = resend_study(session, study_uid, actor=ACTOR)
 
-    assert result.blocked == {"Unsecured PACS": UNSECURED_REASON}
+    assert result.blocked == {"Unsecured PACS": unsecured_reason("Unsecured PACS")}
+    assert result.reset["Unsecured PACS"] == 0
+    assert result.needs_attention_again["Unsecured PACS"] == 1
+    assert result.describe("Unsecured PACS") == (
+        "0 deliveries created, 0 queued again, "
+        f"1 needs attention again ({unsecured_reason('Unsecured PACS')}), "
+        "0 left as they are (still queued, sending, retrying or held)"
+    )
     with sessions.begin() as session:
         assert session.scalars(select(Delivery)).one().state == DeliveryState.NEEDS_ATTENTION
+
+
+def test_unsecured_reason_names_connection() -> None:
+    reason = unsecured_reason("Unsecured PACS")
+    assert reason == (
+        "connection is unsecured: only test data may be sent without TLS. Turn on TLS with "
+        "\"pacsbridge connections edit 'Unsecured PACS' --tls active --scp-cert FILE\" (or --tls encryption-only), "
+        "then \"pacsbridge deliveries retry ID\"."
+    )
+    assert "test archive" not in reason
+
+
+def test_file_rejections_end_with_next_step(tmp_path: Path) -> None:
+    no_sop = changed_copy(SAMPLES / "US1_UNCR.dcm", tmp_path / "no-sop.dcm", SOPInstanceUID=None)
+    with pytest.raises(UnreadableFileError) as missing:
+        inspect_file(no_sop)
+    assert "no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018)" in str(missing.value)
+    assert str(missing.value).endswith("export it again from its source")
+
+    two_rows = dcmread(SAMPLES / "US1_UNCR.dcm")
+    two_rows.Rows = [32768, 0]
+    two_rows.save_as(tmp_path / "two-rows.dcm")
+    with pytest.raises(UnreadableFileError) as invalid:
+        inspect_file(tmp_path / "two-rows.dcm")
+    assert "Rows 32768 and 0; Columns " in str(invalid.value)
+    assert "[" not in str(invalid.value)
 
 
 def test_resend_skips_conflicting_versions(

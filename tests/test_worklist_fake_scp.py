@@ -255,3 +255,55 @@ def test_scp_without_worklist_service():
         server.shutdown()
 
     assert raised.value.failure.kind == FailureKind.NO_PRESENTATION_CONTEXT
+
+
+def _station_step(modality: str, station_ae_title: str, station_name: str) -> Dataset:
+    step = Dataset()
+    step.Modality = modality
+    step.ScheduledProcedureStepStartDate = "20240510"
+    step.ScheduledStationAETitle = station_ae_title
+    step.ScheduledStationName = station_name
+    step.ScheduledProcedureStepLocation = f"{station_name} room"
+    return step
+
+
+def test_local_filter_station_keys_any_step():
+    item = _item("Ct^ThenUs")
+    item.ScheduledProcedureStepSequence = [
+        _station_step("CT", "CT_ROOM_1", "CT1"),
+        _station_step("US", "PB_US1", "ECHO1"),
+    ]
+    responses = ((PENDING, item), (SUCCESS, None))
+    queries = {
+        "us_station": WorklistQuery(scheduled_station_ae_title="PB_US1"),
+        "us_station_name": WorklistQuery(scheduled_station_name="ECHO*"),
+        "us_location": WorklistQuery(scheduled_procedure_step_location="ECHO1 room"),
+        "us_on_ct_station": WorklistQuery(scheduled_station_ae_title="CT_ROOM_1"),
+        "us_on_ct_name": WorklistQuery(scheduled_station_name="CT1"),
+    }
+    with fake_worklist_scp(_serve(*responses)) as port:
+        counts = {name: len(query_worklist(_endpoint(port), query).items) for name, query in queries.items()}
+
+    assert counts == {
+        "us_station": 1,
+        "us_station_name": 1,
+        "us_location": 1,
+        "us_on_ct_station": 0,
+        "us_on_ct_name": 0,
+    }
+
+
+def test_keep_responses_lists_removed_items():
+    responses = (
+        (PENDING, _item("Ct^Only", modality="CT")),
+        (PENDING, _item("Us^Kept", modality="US")),
+        (SUCCESS, None),
+    )
+    with fake_worklist_scp(_serve(*responses)) as port:
+        result = query_worklist(_endpoint(port), WorklistQuery(), keep_responses=True)
+        quiet = query_worklist(_endpoint(port), WorklistQuery())
+
+    assert [response.kept for response in result.responses] == [False, True]
+    assert str(result.responses[0].identifier.PatientName) == "Ct^Only"
+    assert [item.patient_name for item in result.items] == ["Us^Kept"]
+    assert quiet.responses == []

@@ -8,6 +8,7 @@ exits with status 1.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import getpass
 from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
@@ -24,6 +25,7 @@ from pacsbridge.cli.connections_cmd import (
     DataDirOption,
     JsonOption,
     _address,
+    _command,
     _echo_json,
     _quote,
     _security_label,
@@ -34,6 +36,8 @@ from pacsbridge.connections import TlsMode
 from pacsbridge.db import ConnectionNotFoundError
 from pacsbridge.db.engine import SQLITE_BEGIN_OPTION
 from pacsbridge.db.forwarding import MAX_LINKS, Archive, ArchiveLink, Study
+from pacsbridge.db.models import utc_now
+from pacsbridge.forward.health import DestinationDown, find_down
 from pacsbridge.ingest.archives import (
     ArchiveError,
     ArchiveNotFoundError,
@@ -101,7 +105,7 @@ def create_command(
         kind = "test archive" if archive.is_test else "archive"
         typer.echo(
             f"Created {kind} {_quote(archive.name)}. Link a PACS with "
-            f"'pacsbridge archives link {_quote(archive.name)} CONNECTION'."
+            f"{_command('archives', 'link', archive.name, 'CONNECTION')}."
         )
 
 
@@ -134,17 +138,22 @@ def link_command(
             f"({_security_label(connection)})."
         )
         if connection.tls_mode == TlsMode.INACTIVE and not archive.is_test:
+            tls_command = _command("connections", "edit", connection.name, "--tls", "active", "--scp-cert", "FILE")
             typer.echo(
                 f"note: {_quote(connection.name)} is unsecured, so only test studies are sent to it. Deliveries "
-                "of real studies wait in needs-attention until TLS is turned on with "
-                f"'pacsbridge connections edit {_quote(connection.name)} --tls ...'.",
+                f"of real studies wait in needs-attention until TLS is turned on with {tls_command} "
+                "(or --tls encryption-only).",
                 err=True,
             )
         stored = session.scalar(select(func.count()).select_from(Study).where(Study.archive_id == archive.id))
         if stored:
+            if stored == 1:
+                studies = "the study already in the archive is"
+            else:
+                studies = f"the {stored} studies already in the archive are"
+            resend = _command("studies", "resend", "UID", "--connection", connection.name)
             typer.echo(
-                f"note: the {stored} studies already in the archive are not sent to {_quote(connection.name)}. "
-                f"Send one with 'pacsbridge studies resend UID --connection {_quote(connection.name)}'.",
+                f"note: {studies} not sent to {_quote(connection.name)}. Send one with {resend}.",
                 err=True,
             )
 
@@ -165,7 +174,8 @@ def unlink_command(
             fail_error(f"{exc}.", EXIT_INVALID)
         typer.echo(
             f"Unlinked PACS {_quote(link.connection.name)} from slot {slot} of archive "
-            f"{_quote(link.archive.name)}; cancelled {cancelled} waiting deliveries to it."
+            f"{_quote(link.archive.name)}; cancelled {cancelled} waiting "
+            f"{'delivery' if cancelled == 1 else 'deliveries'} to it."
         )
 
 
@@ -217,7 +227,7 @@ def show_command(
     typer.echo(f"  studies: {data['studies']}")
     typer.echo(f"  created: {data['created_at']}")
     if not data["links"]:
-        typer.echo(f"  links: none. Link a PACS with 'pacsbridge archives link {_quote(data['name'])} CONNECTION'.")
+        typer.echo(f"  links: none. Link a PACS with {_command('archives', 'link', data['name'], 'CONNECTION')}.")
         return
     rows = [
         (
@@ -226,25 +236,28 @@ def show_command(
             link["address"],
             link["security"],
             "yes" if link["test_only"] else "no",
+            link["destination_text"],
         )
         for link in data["links"]
     ]
-    for line in _table(("SLOT", "CONNECTION", "ADDRESS", "SECURITY", "TEST ONLY"), rows):
+    for line in _table(("SLOT", "CONNECTION", "ADDRESS", "SECURITY", "TEST ONLY", "DESTINATION"), rows):
         typer.echo(f"  {line}")
 
 
 def archive_to_dict(session: Session, archive: Archive) -> dict[str, Any]:
     studies = session.scalar(select(func.count()).select_from(Study).where(Study.archive_id == archive.id))
+    down = find_down(session, [link.connection_id for link in archive.links])
+    now = utc_now()
     return {
         "name": archive.name,
         "is_test": archive.is_test,
         "created_at": archive.created_at.isoformat(),
         "studies": studies or 0,
-        "links": [_link_to_dict(link) for link in archive.links],
+        "links": [_link_to_dict(link, down.get(link.connection_id), now) for link in archive.links],
     }
 
 
-def _link_to_dict(link: ArchiveLink) -> dict[str, Any]:
+def _link_to_dict(link: ArchiveLink, down: DestinationDown | None, now: dt.datetime) -> dict[str, Any]:
     connection = link.connection
     return {
         "slot": link.slot,
@@ -253,4 +266,7 @@ def _link_to_dict(link: ArchiveLink) -> dict[str, Any]:
         "security": "unsecured" if connection.tls_mode == TlsMode.INACTIVE else "secured",
         "tls_mode": connection.tls_mode.value,
         "test_only": connection.test_only,
+        # "up" also covers a destination that no worker has tried yet.
+        "destination": {"state": "up"} if down is None else down.as_dict(),
+        "destination_text": "up" if down is None else down.describe(now),
     }

@@ -13,12 +13,15 @@ An unknown connection name exits with status 1.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import enum
 import ipaddress
 import json
 import logging
+import re
 import shlex
+import typing
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -56,9 +59,11 @@ from pacsbridge.db import (
     update_connection,
 )
 from pacsbridge.db.connections import DEFAULT_ORGANIZATION, find_organization, get_or_create_organization
+from pacsbridge.db.forwarding import DeliveryState
 from pacsbridge.db.models import CertificateAuthorityRecord, ClientCertificateRecord, ClientCertificateStatus
 from pacsbridge.dicomnet.association import probe_endpoint_tls
 from pacsbridge.dicomnet.echo import ECHO_WAIT_CAP_SECONDS, EchoReport, echo
+from pacsbridge.forward.status import MAX_IDS_SHOWN, connection_delivery_ids, held_hint
 from pacsbridge.tls.certificates import (
     MAX_UPLOAD_BYTES,
     CertificateError,
@@ -261,6 +266,32 @@ WorklistFiltersOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _edit_variant(option: Any) -> Any:
+    """Return a copy of an `add` option for `edit`, without the "(default: …)" of its help.
+
+    In `edit` an option that is not given keeps the connection's current value,
+    so the value `add` would use is not a default there.
+    """
+    base, info = typing.get_args(option)
+    edited = copy.copy(info)
+    edited.help = re.sub(r" \(default: [^)]*\)", "", info.help or "")
+    return Annotated[base, edited]
+
+
+EditTimezoneOption = _edit_variant(TimezoneOption)
+EditCharsetOption = _edit_variant(CharsetOption)
+EditTlsOption = _edit_variant(TlsOption)
+EditCheckHostnameOption = _edit_variant(Annotated[bool | None, _CHECK_HOSTNAME_OPTION])
+EditLegacyCiphersOption = _edit_variant(Annotated[bool | None, _LEGACY_CIPHERS_OPTION])
+EditScuAuthOption = _edit_variant(ScuAuthOption)
+EditImageCompressionOption = _edit_variant(ImageCompressionOption)
+EditLoopCompressionOption = _edit_variant(LoopCompressionOption)
+EditMonochromeOption = _edit_variant(MonochromeOption)
+EditAcseTimeoutOption = _edit_variant(AcseTimeoutOption)
+EditDimseTimeoutOption = _edit_variant(DimseTimeoutOption)
+EditConnectionTimeoutOption = _edit_variant(ConnectionTimeoutOption)
 
 
 class _OptionProblem(Exception):
@@ -937,25 +968,29 @@ def edit_command(
     test_only: Annotated[
         bool | None, typer.Option("--test-only/--no-test-only", help="Send only test data to this connection.")
     ] = None,
-    timezone: TimezoneOption = None,
-    charset: CharsetOption = None,
-    tls: TlsOption = None,
+    timezone: EditTimezoneOption = None,
+    charset: EditCharsetOption = None,
+    tls: EditTlsOption = None,
     scp_cert: ScpCertOption = None,
     pinned_fingerprint: PinnedFingerprintOption = None,
     server_name: ServerNameOption = None,
-    check_hostname: Annotated[bool | None, _CHECK_HOSTNAME_OPTION] = None,
-    legacy_ciphers: Annotated[bool | None, _LEGACY_CIPHERS_OPTION] = None,
-    scu_auth: ScuAuthOption = None,
-    image_compression: ImageCompressionOption = None,
-    loop_compression: LoopCompressionOption = None,
-    monochrome: MonochromeOption = None,
-    acse_timeout: AcseTimeoutOption = None,
-    dimse_timeout: DimseTimeoutOption = None,
-    connection_timeout: ConnectionTimeoutOption = None,
+    check_hostname: EditCheckHostnameOption = None,
+    legacy_ciphers: EditLegacyCiphersOption = None,
+    scu_auth: EditScuAuthOption = None,
+    image_compression: EditImageCompressionOption = None,
+    loop_compression: EditLoopCompressionOption = None,
+    monochrome: EditMonochromeOption = None,
+    acse_timeout: EditAcseTimeoutOption = None,
+    dimse_timeout: EditDimseTimeoutOption = None,
+    connection_timeout: EditConnectionTimeoutOption = None,
     worklist_filters: WorklistFiltersOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Change the given fields of a connection. Options not given keep their values."""
+    """Change the given fields of a connection. Options not given keep their current values.
+
+    A change of host, port, AE titles or TLS settings holds the connection's
+    queued and retrying deliveries until they are released.
+    """
     changes, option_problems = _parse_options(
         {
             "name": new_name,
@@ -1011,6 +1046,26 @@ def edit_command(
         for note in _kept_security_notes(before, to_settings(record), changes):
             typer.echo(f"note: {note}", err=True)
         _issue_client_certificate_if_needed(session, record)
+        for line in _delivery_next_steps(session, record):
+            typer.echo(line)
+
+
+def _delivery_next_steps(session: Session, record: ConnectionRecord) -> list[str]:
+    """Return what to do about the connection's held and needs-attention deliveries after an edit."""
+    lines = []
+    held = connection_delivery_ids(session, record.id, DeliveryState.HELD)
+    if held:
+        lines.append(held_hint(len(held), held, connection=_quote(record.name)))
+    attention = connection_delivery_ids(session, record.id, DeliveryState.NEEDS_ATTENTION)
+    if attention:
+        shown = " ".join(map(str, attention[:MAX_IDS_SHOWN])) + (" ..." if len(attention) > MAX_IDS_SHOWN else "")
+        count = len(attention)
+        subject = f"{count} {'delivery' if count == 1 else 'deliveries'} to {_quote(record.name)}"
+        lines.append(
+            f"{subject} {'needs' if count == 1 else 'need'} attention: retry "
+            f'{"it" if count == 1 else "them"} with "pacsbridge deliveries retry {shown}".'
+        )
+    return lines
 
 
 @connections_app.command("list")

@@ -2,7 +2,9 @@
 
 `upload` prints one line per file with its result. It exits with status 0
 when every file was accepted (a duplicate counts as accepted), 1 when any
-file was rejected or needs attention, and 2 when a PATH does not exist.
+file was rejected or needs attention, or when the worklist item of
+--worklist-item cannot be found, and 2 for invalid input, such as a PATH
+that does not exist.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.cli.app import app
 from pacsbridge.cli.archives_cmd import command_actor, fail_error, write_transaction
@@ -26,7 +29,11 @@ from pacsbridge.cli.connections_cmd import (
     load_config_or_exit,
     open_sessions,
 )
+from pacsbridge.config import AppConfig
+from pacsbridge.connections import InvalidSettingsError
 from pacsbridge.db import ConnectionNotFoundError
+from pacsbridge.dicomnet.failures import DicomNetworkError
+from pacsbridge.dicomnet.worklist import WorklistError
 from pacsbridge.ingest.archives import (
     ArchiveError,
     ArchiveNotFoundError,
@@ -39,6 +46,11 @@ from pacsbridge.ingest.archives import (
 )
 from pacsbridge.ingest.blobstore import BlobStore
 from pacsbridge.ingest.files import expand_paths
+from pacsbridge.ingest.stored_worklist import (
+    WorklistNotConfiguredError,
+    load_stored_worklist,
+    query_stored_worklist,
+)
 from pacsbridge.ingest.upload import (
     FileOutcome,
     FileResult,
@@ -46,6 +58,15 @@ from pacsbridge.ingest.upload import (
     prepare_file,
     store_files,
 )
+from pacsbridge.ingest.worklist_item import (
+    WorklistItemError,
+    WorklistPick,
+    check_item_id,
+    select_worklist_item,
+    study_instance_uids,
+)
+from pacsbridge.tls.client_ca import ClientCertificateError
+from pacsbridge.tls.secret_key import SecretKeyError
 
 studies_app = typer.Typer(
     name="studies",
@@ -63,6 +84,15 @@ def upload_command(
     archive_name: Annotated[
         str, typer.Option("--archive", metavar="NAME", help="Archive to store the studies in.")
     ],
+    worklist_item: Annotated[
+        str | None,
+        typer.Option(
+            "--worklist-item",
+            metavar="ID",
+            help="Accession number or scheduled procedure step ID of a worklist item. Its patient and order "
+            "identification replace those of every file, which must all belong to one study.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -72,6 +102,10 @@ def upload_command(
     the same bytes is a duplicate and changes nothing. A file with the SOP
     Instance UID of a stored file but other bytes is kept as a second version
     that is not forwarded (needs-attention).
+
+    With --worklist-item, the organization's worklist is queried with its
+    stored filters, and exactly one item must carry the ID. Otherwise nothing
+    is stored.
     """
     missing = [path for path in paths if not path.exists()]
     if missing:
@@ -87,8 +121,12 @@ def upload_command(
             EXIT_INVALID,
         )
 
+    if worklist_item is not None:
+        worklist_item = _check_worklist_upload(worklist_item, files)
+
     config = load_config_or_exit(data_dir)
     actor = command_actor()
+    pick: WorklistPick | None = None
     with open_sessions(None, config=config) as sessions:
         # Check the archive before copying any file, in a transaction of its own.
         with sessions.begin() as session:
@@ -97,10 +135,13 @@ def upload_command(
             except ArchiveNotFoundError as exc:
                 fail_error(str(exc), EXIT_FAILED)
 
+        if worklist_item is not None:
+            pick = _find_worklist_item(sessions, config, worklist_item)
+
         # Copying into the blob store happens outside any transaction, so a
         # long upload does not hold the database lock.
         blobs = BlobStore(config.blob_dir)
-        prepared = [prepare_file(blobs, path) for path in files]
+        prepared = [prepare_file(blobs, path, pick) for path in files]
 
         with write_transaction(sessions) as session:
             try:
@@ -110,11 +151,79 @@ def upload_command(
             linked = [link.connection.name for link in get_archive(session, archive_name).links]
 
     if json_output:
-        _echo_json(_upload_to_dict(result, linked))
+        data = _upload_to_dict(result, linked)
+        if pick is not None:
+            data["worklist_item"] = _pick_to_dict(pick)
+        _echo_json(data)
     else:
+        if pick is not None:
+            typer.echo(_pick_line(pick))
         _print_upload(result, linked)
     if not result.ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _check_worklist_upload(item_id: str, files: list[Path]) -> str:
+    """Return the checked worklist item ID, or exit 2 when it is invalid or the files span several studies."""
+    try:
+        item_id = check_item_id(item_id)
+    except WorklistItemError as exc:
+        fail_error(f"{exc}.", EXIT_INVALID)
+    studies = study_instance_uids(files)
+    if len(studies) > 1:
+        fail_error(
+            f"the files belong to {len(studies)} studies ({', '.join(sorted(studies))}), but a worklist item "
+            "describes one study: upload each study with its own --worklist-item. Nothing was stored.",
+            EXIT_INVALID,
+        )
+    return item_id
+
+
+def _find_worklist_item(sessions: sessionmaker[Session], config: AppConfig, item_id: str) -> WorklistPick:
+    """Query the organization's worklist and return the item with `item_id`, or exit 1 with the reason."""
+    with sessions.begin() as session:
+        try:
+            worklist = load_stored_worklist(session)
+        except WorklistNotConfiguredError as exc:
+            fail_error(f"{exc}. Nothing was stored.", EXIT_FAILED)
+        except InvalidSettingsError as exc:
+            problems = " ".join(problem.message for problem in exc.problems)
+            fail_error(
+                f"the stored worklist filters are invalid: {problems} Correct them with "
+                "'pacsbridge connections edit NAME --worklist-filters JSON'. Nothing was stored.",
+                EXIT_FAILED,
+            )
+        except (SecretKeyError, ClientCertificateError) as exc:
+            fail_error(f"the worklist's client certificate cannot be loaded: {exc}. Nothing was stored.", EXIT_FAILED)
+
+    query = worklist.build_query()
+    try:
+        result = query_stored_worklist(worklist, query, bind_address=config.bind_address)
+    except DicomNetworkError as exc:
+        fail_error(f"worklist unavailable: {exc.failure.summary} {exc.failure.action} Nothing was stored.", EXIT_FAILED)
+    except WorklistError as exc:
+        fail_error(f"worklist unavailable: {exc.summary} {exc.action} Nothing was stored.", EXIT_FAILED)
+    try:
+        return select_worklist_item(result, query, item_id)
+    except WorklistItemError as exc:
+        fail_error(str(exc), EXIT_FAILED)
+
+
+def _pick_to_dict(pick: WorklistPick) -> dict[str, Any]:
+    return {
+        "item_id": pick.item_id,
+        "accession_number": pick.item.accession_number,
+        "study_instance_uid": pick.item.study_instance_uid,
+        "performed_step_ids": [step.step_id for step in pick.steps],
+    }
+
+
+def _pick_line(pick: WorklistPick) -> str:
+    steps = ", ".join(step.step_id for step in pick.steps if step.step_id) or "none"
+    return (
+        f"Worklist item {_quote(pick.item_id)}: accession number {_quote(pick.item.accession_number or '')}, "
+        f"Study Instance UID {pick.item.study_instance_uid or '(kept from the files)'}, scheduled steps {steps}."
+    )
 
 
 def _upload_to_dict(result: UploadResult, linked: list[str]) -> dict[str, Any]:
@@ -142,7 +251,7 @@ def _print_upload(result: UploadResult, linked: list[str]) -> None:
     counts = result.counts
     typer.echo(
         f"Archive {_quote(result.archive)}: {counts[FileOutcome.ACCEPTED]} accepted, "
-        f"{counts[FileOutcome.DUPLICATE]} duplicate, {counts[FileOutcome.NEEDS_ATTENTION]} need attention, "
+        f"{counts[FileOutcome.DUPLICATE]} duplicate, {_needs_attention(counts[FileOutcome.NEEDS_ATTENTION])}, "
         f"{counts[FileOutcome.REJECTED]} rejected."
     )
     if not linked:
@@ -182,11 +291,14 @@ def studies_list_command(
 ) -> None:
     """List the studies, newest first, with the delivery state towards each PACS.
 
-    The state per PACS is one of these, checked in this order. "in progress":
-    any delivery queued, sending, retrying or held. "failed": any failed or
-    needs-attention. "delivered": all stored. "partial": some stored, the rest
-    cancelled. "cancelled": all cancelled. "not queued": no deliveries, as for
-    a PACS linked after the upload (send the study with 'studies resend').
+    The state per PACS is the first of these that applies. "in progress": a
+    delivery is queued, being sent or retrying. "held (needs release)": a
+    delivery is held after a connection change. "delivered": every delivery is
+    stored. "partial": some are stored, the others failed, were cancelled or
+    need attention. "needs attention": none is stored and some need an admin.
+    "failed": none is stored and some gave up. "cancelled": all are cancelled.
+    "not queued": no deliveries, as for a PACS linked after the upload (send
+    the study with "pacsbridge studies resend UID").
     """
     with open_sessions(data_dir) as sessions, sessions.begin() as session:
         try:
@@ -220,7 +332,7 @@ def studies_list_command(
 
 def _instances_cell(item: dict[str, Any]) -> str:
     if item["conflicting_instances"]:
-        return f"{item['instances']} ({item['conflicting_instances']} need attention)"
+        return f"{item['instances']} ({_needs_attention(item['conflicting_instances'])})"
     return str(item["instances"])
 
 
@@ -288,15 +400,14 @@ def studies_resend_command(
     _print_resend(result)
 
 
+def _needs_attention(count: int) -> str:
+    return f"{count} {'needs' if count == 1 else 'need'} attention"
+
+
 def _print_resend(result: ResendResult) -> None:
     names = list(dict.fromkeys([*result.created, *result.reset, *result.unchanged, *result.blocked]))
     typer.echo(f"Study {result.study.study_instance_uid}:")
     if not names:
         typer.echo("  the study has no instances that can be sent, so nothing was queued.")
     for name in names:
-        typer.echo(
-            f"  {_quote(name)}: {result.created[name]} deliveries created, {result.reset[name]} queued again, "
-            f"{result.unchanged[name]} left as they are (still queued, sending, retrying or held)."
-        )
-        if name in result.blocked:
-            typer.echo(f"note: deliveries to {_quote(name)} need attention: {result.blocked[name]}.", err=True)
+        typer.echo(f"  {_quote(name)}: {result.describe(name)}.")

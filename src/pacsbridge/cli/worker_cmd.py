@@ -4,6 +4,14 @@ SIGTERM and SIGINT stop the worker gracefully: it records the C-STORE
 response it is waiting for, returns the group's unsent deliveries to the
 queue and exits. The forwarding policy (retry delays, lease length and so on)
 comes from PACSBRIDGE_FORWARD_* variables, see pacsbridge.forward.policy.
+
+With --drain the worker reports on stderr what is still left to do at the
+end: per destination the deliveries still queued, retrying, held or needing
+attention, which destinations are down, and how to release held deliveries.
+It exits with status 0 only when no delivery is left waiting (queued, being
+sent, retrying or held) and every delivery handled in the run was stored.
+Needs-attention and failed deliveries from earlier runs are reported but do
+not change the status.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ from pacsbridge.cli.connections_cmd import (
     load_config_or_exit,
     open_sessions,
 )
+from pacsbridge.db.models import utc_now
 from pacsbridge.forward.policy import ForwardingPolicy, PolicyError
+from pacsbridge.forward.status import OutstandingWork, find_outstanding
 from pacsbridge.forward.worker import Worker, WorkerSummary
 from pacsbridge.ingest.blobstore import BlobStore
 from pacsbridge.observe.logging import configure_logging
@@ -40,7 +50,9 @@ def worker_command(
     drain: Annotated[
         bool,
         typer.Option(
-            "--drain", help="Exit once nothing is due: status 0 when every delivery handled was stored, else 1."
+            "--drain",
+            help="Exit once nothing is due, and report what is left. Status 0 only when nothing is left waiting "
+            "(queued, retrying or held) and every delivery handled in this run was stored, else 1.",
         ),
     ] = False,
     concurrency: Annotated[
@@ -77,15 +89,30 @@ def worker_command(
             for _ in range(concurrency)
         ]
         summaries = _run_all(workers, drain=drain)
+        if not drain:
+            return
+        with sessions.begin() as session:
+            outstanding = find_outstanding(session)
+    _report_drain(summaries, outstanding)
 
-    if drain and not all(summary.all_stored for summary in summaries):
-        not_stored = sum(len(summary.final_states) for summary in summaries) - sum(
-            summary.count_stored() for summary in summaries
-        )
+
+def _report_drain(summaries: list[WorkerSummary], outstanding: OutstandingWork) -> None:
+    """Print what the run left undone to stderr, and exit with status 1 when anything is left waiting or failed."""
+    handled = sum(len(summary.final_states) for summary in summaries)
+    not_stored = handled - sum(summary.count_stored() for summary in summaries)
+    if not_stored:
         typer.echo(
-            f"{not_stored} deliveries were not stored: see 'pacsbridge deliveries' for their state and reasons.",
+            f"{not_stored} of the {handled} {'delivery' if handled == 1 else 'deliveries'} handled in this run "
+            f"{'was' if not_stored == 1 else 'were'} not stored.",
             err=True,
         )
+    lines = outstanding.lines(utc_now())
+    if lines:
+        typer.echo("Left to do:", err=True)
+        for line in lines:
+            typer.echo(f"  {line}", err=True)
+    if not_stored or outstanding.waiting:
+        typer.echo('See "pacsbridge deliveries" for each delivery\'s state and reason.', err=True)
         raise typer.Exit(EXIT_FAILED)
 
 

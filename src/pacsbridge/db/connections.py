@@ -174,6 +174,13 @@ def check_storable(settings: ConnectionSettings) -> list[Problem]:
         if field != "name" and isinstance(value, str):
             problems += _check_text_column(field, value)
     problems += _check_worklist_filters(settings.worklist_filters)
+    if settings.kind == ConnectionKind.MWL and not problems:
+        # Imported here because pacsbridge.dicomnet imports this package's callers.
+        from pacsbridge.dicomnet.worklist_filters import check_worklist_filters
+
+        problems += check_worklist_filters(
+            settings.worklist_filters, settings.calling_ae_title, settings.character_set
+        )
     return problems
 
 

@@ -246,13 +246,26 @@ def store_instances(
 
     def record(outcome: StoreOutcome) -> None:
         result.outcomes.append(outcome)
-        LOGGER.info(
-            "C-STORE %s to %s: %s %s",
-            outcome.sop_instance_uid,
-            endpoint.address,
-            outcome.category.value,
-            "" if outcome.status is None else f"0x{outcome.status:04X}",
-        )
+        if outcome.status is not None:
+            LOGGER.info(
+                "C-STORE %s to %s: %s 0x%04X",
+                outcome.sop_instance_uid,
+                endpoint.address,
+                outcome.category.value,
+                outcome.status,
+            )
+        else:
+            # No response: either nothing was sent (the association failed, or the data set could not be
+            # encoded), or the data set was sent and the response never came.
+            summary = outcome.failure.summary if outcome.failure is not None else outcome.meaning
+            summary = summary.removeprefix("Not sent: ")
+            LOGGER.info(
+                "C-STORE %s to %s: %s: %s",
+                outcome.sop_instance_uid,
+                endpoint.address,
+                "not sent" if outcome.sent_transfer_syntax is None else "no response",
+                summary,
+            )
         if on_outcome is not None:
             on_outcome(outcome)
 

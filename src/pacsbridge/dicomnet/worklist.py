@@ -78,6 +78,8 @@ _STEP_KEYS = (
     "ScheduledProcedureStepStartTime",
     "Modality",
     "ScheduledStationAETitle",
+    "ScheduledStationName",
+    "ScheduledProcedureStepLocation",
     "ScheduledProcedureStepID",
     "ScheduledProcedureStepDescription",
 )
@@ -89,6 +91,7 @@ _DATE_FORMAT = "%Y%m%d"
 # A Person Name has up to three component groups of 64 characters joined by "=".
 _PN_MAX_LENGTH = 3 * 64 + 2
 _LO_MAX_LENGTH = 64
+_SH_MAX_LENGTH = 16
 _DATE_FORMS = "YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD"
 
 DateValue = str | datetime.date
@@ -126,6 +129,8 @@ class WorklistQuery:
     patient_id: str | None = None
     scheduled_station_ae_title: str | None = None
     character_set: str = DEFAULT_CHARACTER_SET
+    scheduled_station_name: str | None = None
+    scheduled_procedure_step_location: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ class ScheduledStep:
     station_ae_title: str | None
     step_id: str | None
     description: str | None
+    station_name: str | None = None
+    location: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         return {
@@ -145,6 +152,8 @@ class ScheduledStep:
             "start_time": self.start_time,
             "modality": self.modality,
             "station_ae_title": self.station_ae_title,
+            "station_name": self.station_name,
+            "location": self.location,
             "step_id": self.step_id,
             "description": self.description,
         }
@@ -201,6 +210,14 @@ class WorklistItem:
         }
 
 
+@dataclass(frozen=True)
+class WorklistResponse:
+    """One pending response identifier as decoded, and whether the local step filter kept its item."""
+
+    identifier: Dataset = field(repr=False)
+    kept: bool
+
+
 @dataclass
 class WorklistResult:
     """The items of a completed query, the warnings met, and the identifier that was sent.
@@ -208,12 +225,15 @@ class WorklistResult:
     `truncated` is true when more than `max_items` items matched. The query was
     then cancelled, and `items` contains the first `max_items` matches in the
     order the SCP sent them, which need not be the earliest scheduled ones.
+    `responses` contains every decoded response in arrival order, including
+    those the local filter removed, when `query_worklist` was asked to keep them.
     """
 
     items: list[WorklistItem]
     warnings: list[str]
     truncated: bool
     identifier: Dataset = field(repr=False)
+    responses: list[WorklistResponse] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -312,18 +332,28 @@ def build_identifier(query: WorklistQuery) -> Dataset:
     """
     modality = _normalize_modality(query.modality)
     date_text = format_date_range(parse_date_range(query.scheduled_date))
-    patient_name = _check_text_key("patient_name", query.patient_name, max_length=_PN_MAX_LENGTH)
-    patient_id = _check_text_key("patient_id", query.patient_id, max_length=_LO_MAX_LENGTH)
+    text_keys = {
+        "patient_name": _check_text_key("patient_name", query.patient_name, max_length=_PN_MAX_LENGTH),
+        "patient_id": _check_text_key("patient_id", query.patient_id, max_length=_LO_MAX_LENGTH),
+        "scheduled_station_name": _check_text_key(
+            "scheduled_station_name", query.scheduled_station_name, max_length=_SH_MAX_LENGTH
+        ),
+        "scheduled_procedure_step_location": _check_text_key(
+            "scheduled_procedure_step_location", query.scheduled_procedure_step_location, max_length=_SH_MAX_LENGTH
+        ),
+    }
     station = _check_station(query.scheduled_station_ae_title)
 
     identifier = Dataset()
-    if not all(value.isascii() for value in (patient_name, patient_id)):
-        identifier.SpecificCharacterSet = _query_character_set(query.character_set, patient_name, patient_id)
+    if not all(value.isascii() for value in text_keys.values()):
+        identifier.SpecificCharacterSet = _query_character_set(query.character_set, text_keys)
     for keyword in _PATIENT_KEYS + _REQUEST_KEYS:
         setattr(identifier, keyword, "")
-    identifier.PatientName = patient_name
-    identifier.PatientID = patient_id
+    identifier.PatientName = text_keys["patient_name"]
+    identifier.PatientID = text_keys["patient_id"]
     identifier.IssuerOfAccessionNumberSequence = []
+    # Requested so that an upload can copy it into the instances (General Study module).
+    identifier.ReferencedStudySequence = []
 
     step = Dataset()
     for keyword in _STEP_KEYS:
@@ -331,6 +361,8 @@ def build_identifier(query: WorklistQuery) -> Dataset:
     step.Modality = modality
     step.ScheduledProcedureStepStartDate = date_text
     step.ScheduledStationAETitle = station
+    step.ScheduledStationName = text_keys["scheduled_station_name"]
+    step.ScheduledProcedureStepLocation = text_keys["scheduled_procedure_step_location"]
     identifier.ScheduledProcedureStepSequence = [step]
     return identifier
 
@@ -370,7 +402,7 @@ def _check_station(value: str | None) -> str:
     return value.strip()
 
 
-def _query_character_set(character_set: str, *texts: str) -> str | list[str]:
+def _query_character_set(character_set: str, texts: dict[str, str]) -> str | list[str]:
     errors = check_character_set("character_set", character_set)
     if errors:
         raise ValueError(errors[0].message)
@@ -379,7 +411,7 @@ def _query_character_set(character_set: str, *texts: str) -> str | list[str]:
     # non-ASCII text pass under ISO_IR 6, so only the extended terms count.
     extended = [term for term in terms if term not in ("", "ISO_IR 6", "ISO 2022 IR 6")]
     encodings = convert_encodings(extended) if extended else []
-    for name, text in zip(("patient_name", "patient_id"), texts, strict=True):
+    for name, text in texts.items():
         missing = [character for character in text if not _is_encodable(character, encodings)]
         if missing:
             listed_characters = ", ".join(
@@ -551,6 +583,8 @@ def _convert_step(step: Dataset) -> ScheduledStep:
         start_time=_text(step, "ScheduledProcedureStepStartTime"),
         modality=_text(step, "Modality"),
         station_ae_title=_text(step, "ScheduledStationAETitle"),
+        station_name=_text(step, "ScheduledStationName"),
+        location=_text(step, "ScheduledProcedureStepLocation"),
         step_id=_text(step, "ScheduledProcedureStepID"),
         description=_text(step, "ScheduledProcedureStepDescription"),
     )
@@ -595,27 +629,60 @@ def _wildcard_regex(pattern: str) -> re.Pattern[str]:
 
 
 @dataclass(frozen=True)
-class _StepFilter:
-    """The step-level keys re-checked locally, since some SCPs match only the first step."""
+class StepFilter:
+    """The step-level keys re-checked locally, since some SCPs match only the first step.
 
-    modality: str
-    date_range: tuple[datetime.date | None, datetime.date | None] | None
+    Each text key is a pattern with the DICOM wildcards, and "" matches any value.
+    """
+
+    modality: str = ""
+    date_range: tuple[datetime.date | None, datetime.date | None] | None = None
+    station_ae_title: str = ""
+    station_name: str = ""
+    location: str = ""
+
+    @classmethod
+    def from_query(cls, query: WorklistQuery) -> StepFilter:
+        return cls(
+            modality=_normalize_modality(query.modality),
+            date_range=parse_date_range(query.scheduled_date),
+            station_ae_title=(query.scheduled_station_ae_title or "").strip(),
+            station_name=(query.scheduled_station_name or "").strip(),
+            location=(query.scheduled_procedure_step_location or "").strip(),
+        )
 
     def matches(self, item: WorklistItem) -> bool:
-        """Return whether any scheduled step matches. An item without steps is kept.
-
-        A step whose modality or date is missing cannot contradict the SCP's
-        match, so it counts as matching on that key.
-        """
-        if not self.modality and self.date_range is None:
+        """Return whether any scheduled step matches. An item without steps is kept."""
+        if not self.matching_keys and self.date_range is None:
             return True
         if not item.scheduled_steps:
             return True
-        return any(self._step_matches(step) for step in item.scheduled_steps)
+        return any(self.step_matches(step) for step in item.scheduled_steps)
 
-    def _step_matches(self, step: ScheduledStep) -> bool:
-        if self.modality and step.modality is not None:
-            if not _wildcard_regex(self.modality).fullmatch(step.modality.upper()):
+    @property
+    def matching_keys(self) -> list[tuple[str, str]]:
+        """Return (ScheduledStep attribute, pattern) for each text key that restricts the match."""
+        keys = (
+            ("modality", self.modality),
+            ("station_ae_title", self.station_ae_title),
+            ("station_name", self.station_name),
+            ("location", self.location),
+        )
+        return [(attribute, pattern) for attribute, pattern in keys if pattern]
+
+    def step_matches(self, step: ScheduledStep) -> bool:
+        """Return whether one step matches every key.
+
+        A step that lacks a key's value cannot contradict the SCP's match, so
+        it counts as matching on that key.
+        """
+        for attribute, pattern in self.matching_keys:
+            value = getattr(step, attribute)
+            if value is None:
+                continue
+            # Code strings (modality) are upper case, so a lower-case value is compared as upper case.
+            candidate = value.upper() if attribute == "modality" else value
+            if not _wildcard_regex(pattern).fullmatch(candidate):
                 return False
         if self.date_range is not None and step.start_date is not None:
             return _date_in_range(step.start_date, self.date_range)
@@ -677,6 +744,7 @@ class _FindOutcome:
     truncated: bool = False
     skipped: int = 0
     error: WorklistError | None = None
+    responses: list[WorklistResponse] = field(default_factory=list)
 
 
 class _FindRun:
@@ -686,15 +754,17 @@ class _FindRun:
         self,
         assoc: Association,
         endpoint: Endpoint,
-        step_filter: _StepFilter,
+        step_filter: StepFilter,
         fallback_terms: list[str],
         max_items: int,
+        keep_responses: bool = False,
     ) -> None:
         self.assoc = assoc
         self.endpoint = endpoint
         self.step_filter = step_filter
         self.fallback_terms = fallback_terms
         self.max_items = max_items
+        self.keep_responses = keep_responses
         self.outcome = _FindOutcome()
         self.cancelled = False
         self.responses_after_cancel = 0
@@ -744,7 +814,10 @@ class _FindRun:
             )
             return True
         item = self._convert(response)
-        if not self.step_filter.matches(item):
+        kept = self.step_filter.matches(item)
+        if self.keep_responses:
+            self.outcome.responses.append(WorklistResponse(response, kept))
+        if not kept:
             self.outcome.skipped += 1
             return True
         if len(self.outcome.items) >= self.max_items:
@@ -817,13 +890,17 @@ def query_worklist(
     *,
     fallback_character_set: str = DEFAULT_CHARACTER_SET,
     max_items: int = DEFAULT_MAX_ITEMS,
+    keep_responses: bool = False,
 ) -> WorklistResult:
     """Run a Modality Worklist C-FIND and return the matching items sorted by scheduled start.
 
-    Items are re-filtered on modality and scheduled date against every
-    scheduled step. Response text is decoded with the response's Specific
-    Character Set, or with `fallback_character_set` when it has none. Past
-    `max_items` items the query is cancelled and the result marked truncated.
+    Items are re-filtered on the step keys (modality, scheduled date, station
+    AE title, station name, location) against every scheduled step, and an
+    item is kept when one step matches them all. Response text is decoded
+    with the response's Specific Character Set, or with
+    `fallback_character_set` when it has none. Past `max_items` items the
+    query is cancelled and the result marked truncated. `keep_responses`
+    keeps every decoded response in `WorklistResult.responses` for debugging.
 
     Raises ValueError for an invalid query, `DicomNetworkError` when the
     association fails or breaks off, and `WorklistError` when the SCP ends the
@@ -832,12 +909,12 @@ def query_worklist(
     if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
         raise ValueError(f"max_items {max_items!r} is invalid: use a whole number of at least 1.")
     identifier = build_identifier(query)
-    step_filter = _StepFilter(_normalize_modality(query.modality), parse_date_range(query.scheduled_date))
+    step_filter = StepFilter.from_query(query)
     fallback = _fallback_terms(fallback_character_set)
 
     LOGGER.info("worklist query to %s started", endpoint.address)
     with association(endpoint, [build_context(MODALITY_WORKLIST_FIND)]) as assoc:
-        outcome = _FindRun(assoc, endpoint, step_filter, fallback, max_items).run(identifier)
+        outcome = _FindRun(assoc, endpoint, step_filter, fallback, max_items, keep_responses).run(identifier)
     if outcome.error is not None:
         LOGGER.warning(
             "worklist query to %s failed with status 0x%04X", endpoint.address, outcome.error.status
@@ -852,4 +929,4 @@ def query_worklist(
         outcome.skipped,
         outcome.truncated,
     )
-    return WorklistResult(outcome.items, outcome.warnings, outcome.truncated, identifier)
+    return WorklistResult(outcome.items, outcome.warnings, outcome.truncated, identifier, outcome.responses)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -25,6 +27,58 @@ from pacsbridge.db.forwarding import (
 from pacsbridge.forward.policy import ForwardingPolicy
 
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DestinationDown:
+    """A destination marked down, as shown to an admin."""
+
+    connection_id: int
+    down_since: dt.datetime | None
+    next_probe_at: dt.datetime | None
+    consecutive_failures: int
+    last_error: str | None
+
+    def next_probe_text(self, now: dt.datetime) -> str:
+        """Return the time of the next Echo probe, or "due now" once it has passed (a running worker probes it)."""
+        if self.next_probe_at is None or self.next_probe_at <= now:
+            return "due now, when a worker runs"
+        return _time_text(self.next_probe_at)
+
+    def describe(self, now: dt.datetime) -> str:
+        """Return "destination down since …, next probe …" for `pacsbridge deliveries` and `archives show`."""
+        since = "an unknown time" if self.down_since is None else _time_text(self.down_since)
+        return f"destination down since {since}, next probe {self.next_probe_text(now)}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "state": DestinationState.DOWN.value,
+            "down_since": None if self.down_since is None else self.down_since.isoformat(),
+            "next_probe_at": None if self.next_probe_at is None else self.next_probe_at.isoformat(),
+            "consecutive_failures": self.consecutive_failures,
+            "last_error": self.last_error,
+        }
+
+
+def _time_text(moment: dt.datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def find_down(session: Session, connection_ids: Iterable[int] | None = None) -> dict[int, DestinationDown]:
+    """Return the destinations marked down, by connection id, of `connection_ids` or of all connections."""
+    query = select(DestinationHealth).where(DestinationHealth.state == DestinationState.DOWN)
+    if connection_ids is not None:
+        query = query.where(DestinationHealth.connection_id.in_(list(connection_ids)))
+    return {
+        health.connection_id: DestinationDown(
+            connection_id=health.connection_id,
+            down_since=health.down_since,
+            next_probe_at=health.next_probe_at,
+            consecutive_failures=health.consecutive_failures,
+            last_error=health.last_error,
+        )
+        for health in session.scalars(query)
+    }
 
 
 def _health(session: Session, connection_id: int, now: dt.datetime) -> DestinationHealth:

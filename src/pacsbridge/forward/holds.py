@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from pacsbridge.db.forwarding import AuditEvent, Delivery, DeliveryState
 from pacsbridge.db.models import ConnectionRecord, utc_now
+from pacsbridge.forward.health import request_probe
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ def hold_deliveries_on_change(
     """Hold the connection's queued and retrying deliveries if its endpoint changed, and return how many.
 
     Writes an AuditEvent `connection.endpoint-changed` whenever the endpoint
-    changed, also when no delivery was waiting. Call it in the transaction
-    that changes the connection, after the new values are set on `record`.
+    changed, also when no delivery was waiting. A destination marked down is
+    probed at once, because the failures were those of the old endpoint. Call
+    it in the transaction that changes the connection, after the new values
+    are set on `record`.
     """
     change = describe_change(before, endpoint_snapshot(record))
     if change is None:
@@ -108,6 +111,7 @@ def hold_deliveries_on_change(
         delivery.state = DeliveryState.HELD
         delivery.reason = reason
         delivery.updated_at = now
+    request_probe(session, [record.id], now=now)
     session.add(
         AuditEvent(
             organization_id=record.organization_id,

@@ -175,6 +175,9 @@ class Decision:
     sent_transfer_syntax: str | None = None
     # True for refused, timed-out, DNS and network failures, which count towards marking the destination down.
     connection_failure: bool = False
+    # True when the worker did not connect for this delivery, for example because a delivery rule blocked it.
+    # The attempt row is kept, but the delivery's `attempts` counter counts real sends only.
+    not_sent: bool = False
 
 
 def _status_text(code: int, meaning: str) -> str:

@@ -236,6 +236,9 @@ class SqlDeliveryQueue:
             attempt.detail = decision.detail
 
             delivery.state = decision.state
+            if decision.not_sent:
+                # The claim counted a try, but nothing was sent.
+                delivery.attempts = max(delivery.attempts - 1, 0)
             delivery.lease_owner = None
             delivery.lease_expires_at = None
             delivery.updated_at = now

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import secrets
+import shlex
 import socket
 import threading
 from collections.abc import Callable
@@ -211,7 +212,7 @@ class Worker:
                 reason,
             )
             for delivery in claim.deliveries:
-                self._record(claim, delivery, _attention(reason))
+                self._record(claim, delivery, _not_sent(reason))
             return None
         return _Target(record, identity)
 
@@ -228,10 +229,11 @@ class Worker:
         if reason is not None:
             return reason
         if record.tls_mode == TlsMode.ENCRYPTION_ONLY and not record.pinned_fingerprint:
+            echo_command = shlex.join(["pacsbridge", "connections", "echo", record.name])
             return (
                 f"the SCP certificate of connection {record.name!r} is not confirmed yet (TLS encryption-only): "
-                f"run 'pacsbridge connections echo {record.name}', compare the fingerprint with the PACS admin "
-                "and confirm it, then retry"
+                f'run "{echo_command}", compare the fingerprint with the PACS admin '
+                'and confirm it, then "pacsbridge deliveries retry ID"'
             )
         return None
 
@@ -241,7 +243,7 @@ class Worker:
             try:
                 path = self.blobs.open_path(delivery.blob_sha256)
             except BlobNotFoundError as exc:
-                self._record(claim, delivery, _attention(str(exc)))
+                self._record(claim, delivery, _not_sent(str(exc)))
                 continue
             files[delivery.delivery_id] = _instance_file(delivery, path)
         return files
@@ -303,20 +305,35 @@ class Worker:
             LOGGER.warning("Worker %s: %s; the outcome %s was not recorded", self.worker_id, exc, decision.outcome)
             return False
         self.summary.final_states[delivery.delivery_id] = decision.state
-        LOGGER.info(
-            "Delivery id=%d (instance id=%d, try %d): %s, %s",
-            delivery.delivery_id,
-            delivery.instance_id,
-            delivery.attempts,
-            decision.state.value,
-            decision.detail,
-        )
+        if decision.not_sent:
+            LOGGER.info(
+                "Delivery id=%d (instance id=%d, not sent): %s, %s",
+                delivery.delivery_id,
+                delivery.instance_id,
+                decision.state.value,
+                decision.detail,
+            )
+        else:
+            LOGGER.info(
+                "Delivery id=%d (instance id=%d, try %d): %s, %s",
+                delivery.delivery_id,
+                delivery.instance_id,
+                delivery.attempts,
+                decision.state.value,
+                decision.detail,
+            )
         return True
 
 
-def _attention(reason: str) -> Decision:
+def _not_sent(reason: str) -> Decision:
+    """Return the needs-attention decision for a delivery that the worker did not send, so no try is counted."""
     return Decision(
-        DeliveryState.NEEDS_ATTENTION, AttemptOutcome.NEEDS_ATTENTION, reason, reason=reason, last_error=reason
+        DeliveryState.NEEDS_ATTENTION,
+        AttemptOutcome.NEEDS_ATTENTION,
+        reason,
+        reason=reason,
+        last_error=reason,
+        not_sent=True,
     )
 
 

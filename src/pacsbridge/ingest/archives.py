@@ -9,6 +9,7 @@ same way. Every link change and resend writes an `AuditEvent`.
 from __future__ import annotations
 
 import logging
+import shlex
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,13 +38,22 @@ from pacsbridge.db.forwarding import (
     Study,
 )
 from pacsbridge.db.models import NAME_MAX_LENGTH, utc_now
+from pacsbridge.forward.progress import summarize as summarize_progress
 
 LOGGER = logging.getLogger(__name__)
 
-UNSECURED_REASON = (
-    "connection is unsecured: only test data may be sent without TLS; "
-    "turn on TLS or mark the archive as a test archive"
-)
+
+
+def unsecured_reason(connection_name: str) -> str:
+    """Return the needs-attention reason of a real study waiting for the unsecured connection `connection_name`.
+
+    The commands are in double quotes, with shell quoting of the name where it needs it.
+    """
+    edit = shlex.join(["pacsbridge", "connections", "edit", connection_name, "--tls", "active", "--scp-cert", "FILE"])
+    return (
+        "connection is unsecured: only test data may be sent without TLS. "
+        f'Turn on TLS with "{edit}" (or --tls encryption-only), then "pacsbridge deliveries retry ID".'
+    )
 
 # Delivery states that `resend_study` puts back into the queue. Held and
 # in-progress deliveries (queued, sending, retrying) are left alone.
@@ -351,7 +361,7 @@ def blocking_reason(study: Study, connection: ConnectionRecord) -> str | None:
     if study.is_test:
         return None
     if connection.tls_mode == TlsMode.INACTIVE:
-        return UNSECURED_REASON
+        return unsecured_reason(connection.name)
     if connection.test_only:
         return (
             f"connection {connection.name!r} is test-only and this study is not test data: "
@@ -402,12 +412,30 @@ class ResendResult:
     """Counts of the deliveries that `resend_study` created, reset or left unchanged, per linked PACS name."""
 
     study: Study
+    # Deliveries created, whatever state they start in.
     created: Counter[str] = field(default_factory=Counter)
+    # Deliveries put back into the queue.
     reset: Counter[str] = field(default_factory=Counter)
+    # Existing deliveries that a delivery rule sent straight back to needs-attention, so they are not queued.
+    needs_attention_again: Counter[str] = field(default_factory=Counter)
     # Deliveries left as they were because they are queued, being sent, retrying or held.
     unchanged: Counter[str] = field(default_factory=Counter)
     # Reasons of the deliveries that ended up in needs-attention, per PACS name.
     blocked: dict[str, str] = field(default_factory=dict)
+
+    def describe(self, name: str) -> str:
+        """Return one line on what happened to the deliveries to the PACS `name`, for `studies resend`."""
+        created = self.created[name]
+        parts = [
+            f"{created} {'delivery' if created == 1 else 'deliveries'} created",
+            f"{self.reset[name]} queued again",
+        ]
+        blocked = self.needs_attention_again[name]
+        if blocked:
+            verb = "needs" if blocked == 1 else "need"
+            parts.append(f"{blocked} {verb} attention again ({self.blocked.get(name, 'no reason recorded')})")
+        parts.append(f"{self.unchanged[name]} left as they are (still queued, sending, retrying or held)")
+        return ", ".join(parts)
 
 
 def find_study(session: Session, study_instance_uid: str, *, organization: str = DEFAULT_ORGANIZATION) -> Study | None:
@@ -475,14 +503,16 @@ def resend_study(
             "connection_ids": [link.connection_id for link in links],
             "created": sum(result.created.values()),
             "reset": sum(result.reset.values()),
+            "needs_attention_again": sum(result.needs_attention_again.values()),
             "unchanged": sum(result.unchanged.values()),
         },
     )
     LOGGER.info(
-        "Resent study id=%d: %d deliveries created, %d reset, %d left unchanged",
+        "Resent study id=%d: %d deliveries created, %d reset, %d need attention again, %d left unchanged",
         study.id,
         sum(result.created.values()),
         sum(result.reset.values()),
+        sum(result.needs_attention_again.values()),
         sum(result.unchanged.values()),
     )
     return result
@@ -509,7 +539,10 @@ def _resend_to(
             result.created[connection.name] += 1
         elif delivery.state in RESENDABLE_STATES:
             _requeue(delivery, study, connection)
-            result.reset[connection.name] += 1
+            if delivery.state == DeliveryState.NEEDS_ATTENTION:
+                result.needs_attention_again[connection.name] += 1
+            else:
+                result.reset[connection.name] += 1
         else:
             result.unchanged[connection.name] += 1
             continue
@@ -518,11 +551,6 @@ def _resend_to(
 
 
 # Study summaries ------------------------------------------------------------------
-
-IN_PROGRESS_STATES = frozenset(
-    {DeliveryState.QUEUED, DeliveryState.SENDING, DeliveryState.RETRYING, DeliveryState.HELD}
-)
-FAILED_STATES = frozenset({DeliveryState.FAILED, DeliveryState.NEEDS_ATTENTION})
 
 
 @dataclass(frozen=True)
@@ -533,7 +561,7 @@ class DestinationSummary:
     connection: str
     linked: bool
     counts: dict[str, int]
-    # delivered, in progress, failed, partial, cancelled, or not queued (a PACS without deliveries).
+    # A `pacsbridge.forward.progress.Progress` value, such as "delivered" or "held (needs release)".
     state: str
 
 
@@ -549,20 +577,9 @@ class StudySummary:
 def destination_state(counts: Counter[DeliveryState]) -> str:
     """Return the overall state of one study towards one PACS from its delivery counts.
 
-    Order of precedence: in progress, failed, delivered, partial, cancelled.
+    The rules are those of `pacsbridge.forward.progress`, which `pacsbridge deliveries` uses too.
     """
-    total = sum(counts.values())
-    if total == 0:
-        return "not queued"
-    if any(counts[state] for state in IN_PROGRESS_STATES):
-        return "in progress"
-    if any(counts[state] for state in FAILED_STATES):
-        return "failed"
-    if counts[DeliveryState.STORED] == total:
-        return "delivered"
-    if counts[DeliveryState.STORED]:
-        return "partial"
-    return "cancelled"
+    return summarize_progress(counts.elements()).value
 
 
 def summarize_studies(

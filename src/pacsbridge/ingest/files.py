@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from pacsbridge.dicomnet.instances import InstanceFile
 
@@ -59,6 +60,18 @@ def _native_pixel_length(ds) -> int | None:
     return (pixels * samples * bits + 7) // 8
 
 
+def _value_text(value: object) -> str:
+    """Show an element value in a message: "32768 and 0" for several values, "empty" for none."""
+    if isinstance(value, MultiValue | list | tuple):
+        items = [str(item) for item in value]
+        if len(items) > 1:
+            return ", ".join(items[:-1]) + " and " + items[-1]
+        value = items[0] if items else None
+    if value is None or value == "":
+        return "empty"
+    return str(value)
+
+
 def _check_elements(ds: Dataset) -> None:
     """Decode every element once, so a malformed one is found before anything is sent."""
     try:
@@ -91,7 +104,9 @@ def inspect_file(path: Path) -> InstanceFile:
 
     truncation = [str(w.message) for w in caught if "End of file" in str(w.message)]
     if truncation or len(ds) == 0:
-        raise UnreadableFileError("the file is truncated: it ends before its last data element")
+        raise UnreadableFileError(
+            "the file is truncated: it ends before its last data element; export it again from its source"
+        )
     meta = getattr(ds, "file_meta", None)
     syntax = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
     if not syntax:
@@ -100,8 +115,8 @@ def inspect_file(path: Path) -> InstanceFile:
     sop_instance = ds.get("SOPInstanceUID")
     if not sop_class or not sop_instance:
         raise UnreadableFileError(
-            "the data set has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018); "
-            "a File Meta header alone is not enough to send it"
+            "the data set has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018), and a File Meta "
+            "header alone is not enough to send it; export it again from its source"
         )
     _check_elements(ds)
 
@@ -109,8 +124,8 @@ def inspect_file(path: Path) -> InstanceFile:
         expected = _native_pixel_length(ds)
         actual = len(ds.PixelData)
         if expected is None:
-            values = ", ".join(
-                f"{keyword} {ds.get(keyword)!r}"
+            values = "; ".join(
+                f"{keyword} {_value_text(ds.get(keyword))}"
                 for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
                 if keyword in ds
             )
@@ -120,7 +135,7 @@ def inspect_file(path: Path) -> InstanceFile:
         if actual < expected:
             raise UnreadableFileError(
                 f"the pixel data is truncated: {actual} bytes, {expected} expected from Rows, Columns, "
-                "Samples per Pixel, Bits Allocated and Number of Frames"
+                "Samples per Pixel, Bits Allocated and Number of Frames; export it again from its source"
             )
     try:
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -51,6 +52,11 @@ from pacsbridge.ingest.archives import get_archive, new_delivery, record_audit_e
 from pacsbridge.ingest.blobstore import BlobStore
 from pacsbridge.ingest.files import UnreadableFileError, expand_paths, inspect_file
 from pacsbridge.ingest.testimages import TEST_DATA_LABEL
+from pacsbridge.ingest.worklist_item import (
+    WorklistItemError,
+    WorklistPick,
+    write_with_worklist_item,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +107,8 @@ class PreparedFile:
     size: int | None = None
     study_attributes: dict[str, str | None] = field(default_factory=dict)
     is_test_image: bool = False
+    # Stored in Study.worklist_attributes when the upload attached a worklist item.
+    worklist_attributes: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -152,25 +160,45 @@ class UploadResult:
 # Phase 1: files and blobs --------------------------------------------------------
 
 
-def prepare_file(blobs: BlobStore, path: Path) -> PreparedFile:
+def prepare_file(blobs: BlobStore, path: Path, worklist: WorklistPick | None = None) -> PreparedFile:
     """Check one file and copy it into the blob store.
 
+    With `worklist`, the blob is a copy of the file that carries the worklist
+    item's patient and order identification (see `pacsbridge.ingest.worklist_item`),
+    and the study columns are read from that copy.
     A file that fails the checks, or cannot be read or copied, returns a rejection instead of raising.
     """
+    if worklist is None:
+        return _prepare_file(blobs, path, None, Path())
+    with tempfile.TemporaryDirectory(prefix="pacsbridge-upload-") as folder:
+        return _prepare_file(blobs, path, worklist, Path(folder) / "with-worklist-item.dcm")
+
+
+def _prepare_file(blobs: BlobStore, path: Path, worklist: WorklistPick | None, rewritten: Path) -> PreparedFile:
+    """Prepare `path`, writing the copy with the worklist item (if any) to `rewritten` first."""
+    source = path
     try:
         before = path.stat()
         instance = inspect_file(path)
         header = _read_header(path)
         study_instance_uid = _study_instance_uid(header)
         _check_uids(instance, study_instance_uid)
+        if worklist is not None:
+            write_with_worklist_item(path, rewritten, worklist)
+            source = rewritten
+            # Reading the copy back checks that it is a valid file, and gives the study values it carries.
+            inspect_file(rewritten)
+            header = _read_header(rewritten)
+            study_instance_uid = _study_instance_uid(header)
+            _check_uids(instance, study_instance_uid)
         attributes = _study_attributes(header)
-    except UnreadableFileError as exc:
+    except (UnreadableFileError, WorklistItemError) as exc:
         return PreparedFile(path=path, rejection=str(exc))
     except OSError as exc:
         return PreparedFile(path=path, rejection=f"cannot be read ({exc.strerror or exc}): check the file")
 
     try:
-        sha256, size = blobs.put_file(path)
+        sha256, size = blobs.put_file(source)
         after = path.stat()
     except OSError as exc:
         # The source was readable a moment ago, so this is most likely the blob folder.
@@ -179,7 +207,9 @@ def prepare_file(blobs: BlobStore, path: Path) -> PreparedFile:
             rejection=f"cannot be copied into the blob store {blobs.folder} ({exc.strerror or exc}): "
             "check free space and permissions there",
         )
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != before.st_size:
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+        worklist is None and size != before.st_size
+    ):
         return PreparedFile(
             path=path,
             rejection="the file changed while it was read: upload it again once it is completely written",
@@ -192,6 +222,7 @@ def prepare_file(blobs: BlobStore, path: Path) -> PreparedFile:
         size=size,
         study_attributes=attributes,
         is_test_image=_is_test_image(header),
+        worklist_attributes=worklist.study_attributes() if worklist is not None else None,
     )
 
 
@@ -326,13 +357,15 @@ def upload_files(
     *,
     organization: str = DEFAULT_ORGANIZATION,
     actor: str,
+    worklist: WorklistPick | None = None,
 ) -> UploadResult:
     """Upload the files named by `paths` (folders are walked) into the archive: both phases in one call.
 
-    All blobs are written before the first database statement. Returns one
+    All blobs are written before the first database statement. `worklist`
+    attaches a worklist item to every file (see `prepare_file`). Returns one
     `FileResult` per file; commit the session to make the accepted files visible.
     """
-    prepared = [prepare_file(blobs, path) for path in expand_paths(paths)]
+    prepared = [prepare_file(blobs, path, worklist) for path in expand_paths(paths)]
     return store_files(session, archive_name, prepared, organization=organization, actor=actor)
 
 
@@ -398,6 +431,8 @@ def _store_one(
         )
     if study is None:
         study = _new_study(session, archive, file)
+    elif study.worklist_attributes is None and file.worklist_attributes is not None:
+        study.worklist_attributes = file.worklist_attributes
 
     if versions:
         return _store_conflicting_version(session, study, file, versions[0])
@@ -415,8 +450,9 @@ def _store_one(
 def _store_conflicting_version(session: Session, study: Study, file: PreparedFile, stored: Instance) -> FileResult:
     reason = (
         f"SOP Instance UID {stored.sop_instance_uid} is already stored as instance {stored.id} with different "
-        f"content (SHA-256 {stored.blob_sha256}): this version is kept as a separate instance and not "
-        "forwarded, and the stored one is unchanged. Find out which version is correct before sending again."
+        f"content (stored version SHA-256 {stored.blob_sha256}, this file SHA-256 {file.sha256}). This version "
+        "is kept as a separate instance and not forwarded, and the stored one is unchanged. Find out which "
+        "version is correct before sending again."
     )
     instance = _new_instance(session, study, file, InstanceState.NEEDS_ATTENTION, reason=reason)
     LOGGER.warning(
@@ -445,6 +481,7 @@ def _new_study(session: Session, archive: Archive, file: PreparedFile) -> Study:
         study_instance_uid=file.study_instance_uid,
         is_test=archive.is_test or file.is_test_image,
         created_at=utc_now(),
+        worklist_attributes=file.worklist_attributes,
         **file.study_attributes,
     )
     session.add(study)
