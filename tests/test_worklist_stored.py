@@ -223,12 +223,13 @@ def test_not_configured_exit_1(tmp_path):
     assert "items" not in payload
 
 
-def test_other_connection_name_exit_1(wlmscpfs_port, tmp_path):
+def test_other_connection_name_exit_2(wlmscpfs_port, tmp_path):
     add_mwl(tmp_path, wlmscpfs_port)
 
     result = run(tmp_path, "worklist", "--connection", "Radiology PACS")
 
-    assert result.exit_code == 1
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ")
     assert "'Radiology PACS' not found" in result.stderr
     assert repr(MWL) in result.stderr
 

@@ -311,18 +311,23 @@ def _load_or_exit(session: Session, name: str, as_json: bool) -> StoredWorklist:
     try:
         return load_stored_worklist(session, name=name)
     except WorklistNotConfiguredError as exc:
-        typer.echo(str(exc), err=True)
+        typer.echo(f"error: {exc}", err=True)
         if as_json:
             error = {"summary": str(exc), "action": _ADD_CONNECTION_ACTION}
             typer.echo(json.dumps({"ok": False, "configured": False, "error": error}, ensure_ascii=False))
         raise typer.Exit(EXIT_UNAVAILABLE) from None
     except NotTheWorklistError as exc:
-        _fail_unavailable(str(exc) + ".", "Give that name with --connection.", as_json, configured=True)
+        # A wrong name is an input error, not an outage of the worklist server.
+        typer.echo(f"error: {exc}. Give that name with --connection.", err=True)
+        if as_json:
+            error = {"summary": f"{exc}.", "action": "Give that name with --connection."}
+            typer.echo(json.dumps({"ok": False, "configured": True, "error": error}, ensure_ascii=False))
+        raise typer.Exit(EXIT_INVALID_INPUT) from None
     except InvalidSettingsError as exc:
         summary = "the stored worklist filters are invalid: " + " ".join(
             problem.message for problem in exc.problems
         )
-        action = f"Correct them with 'pacsbridge connections edit {name!r} --worklist-filters JSON'."
+        action = f'Correct them with "pacsbridge connections edit {name} --worklist-filters JSON".'
         _fail_unavailable(summary, action, as_json, configured=True, exit_code=EXIT_INVALID_INPUT)
     except (SecretKeyError, ClientCertificateError) as exc:
         _fail_unavailable(

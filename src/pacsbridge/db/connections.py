@@ -174,7 +174,16 @@ def check_storable(settings: ConnectionSettings) -> list[Problem]:
         if field != "name" and isinstance(value, str):
             problems += _check_text_column(field, value)
     problems += _check_worklist_filters(settings.worklist_filters)
-    if settings.kind == ConnectionKind.MWL and not problems:
+    if settings.kind == ConnectionKind.PACS and settings.worklist_filters:
+        problems.append(
+            Problem.warning(
+                "worklist_filters",
+                settings.worklist_filters,
+                "are ignored, because they apply only to worklist (mwl) connections and this is a PACS connection",
+                "Remove --worklist-filters, or set them on the organization's worklist connection.",
+            )
+        )
+    if settings.kind == ConnectionKind.MWL and not any(p.severity == Severity.ERROR for p in problems):
         # Imported here because pacsbridge.dicomnet imports this package's callers.
         from pacsbridge.dicomnet.worklist_filters import check_worklist_filters
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.charset import convert_encodings
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -509,7 +510,7 @@ def _response_terms(identifier: Dataset, fallback: list[str], warnings: list[str
     values = [] if element is None or element.value is None else element.value
     sent = [str(value) for value in ([values] if isinstance(values, str) else values)]
     if not any(value.strip() for value in sent):
-        return fallback
+        return _terms_without_declaration(identifier, fallback, warnings)
 
     terms = [normalize_character_set_term(value) for value in sent]
     sent_text = _join_terms(sent)
@@ -528,6 +529,74 @@ def _response_terms(identifier: Dataset, fallback: list[str], warnings: list[str
             f"so its text was decoded as {_join_terms(corrected)!r}.",
         )
     return corrected
+
+
+# Code extensions that cover every ISO 2022 escape sequence DICOM defines for
+# the multi-byte sets (Japanese, Korean, Chinese), for answers that use escape
+# sequences without declaring a Specific Character Set.
+_ISO_2022_ALL = ["ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"]
+# Top-level text only: raw sequence bytes also hold item tags and lengths,
+# which are not text and would hide valid UTF-8.
+_TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+
+
+def _raw_text(identifier: Dataset) -> bytes:
+    """Return the still-undecoded bytes of the top-level text elements of `identifier`."""
+    chunks = []
+    for tag, element in identifier._dict.items():
+        # Implicit VR answers carry no VR in the raw element, so the dictionary gives it.
+        vr = getattr(element, "VR", None) or _dictionary_vr(tag)
+        value = getattr(element, "value", None)
+        if vr in _TEXT_VRS and isinstance(value, (bytes, bytearray)):
+            chunks.append(bytes(value))
+    return b"".join(chunks)
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def _terms_without_declaration(identifier: Dataset, fallback: list[str], warnings: list[str]) -> list[str]:
+    """Choose how to decode an answer that declares no Specific Character Set.
+
+    Plain ASCII needs no choice. Escape sequences mean ISO 2022 code
+    extensions, and valid multi-byte UTF-8 almost never occurs by chance in a
+    single-byte set, so both are decoded as what they are, with a warning,
+    instead of being garbled by the fallback. Other text is decoded with the
+    fallback, the connection's character set.
+    """
+    raw = _raw_text(identifier)
+    if raw.isascii() and b"\x1b" not in raw:
+        return fallback
+    advice = (
+        "Ask the worklist admin to make the server send Specific Character Set (0008,0005) "
+        "(DCMTK wlmscpfs: option --keep-char-set), or set the connection's --charset to the server's set."
+    )
+    if b"\x1b" in raw:
+        _add_warning(
+            warnings,
+            "The worklist SCP sent no Specific Character Set, but its text contains ISO 2022 escape sequences, "
+            f"so it was decoded with ISO 2022 code extensions. {advice}",
+        )
+        return _ISO_2022_ALL
+    try:
+        raw.decode("utf-8")
+        looks_utf8 = fallback != ["ISO_IR 192"]
+    except UnicodeDecodeError:
+        looks_utf8 = False
+    if looks_utf8:
+        _add_warning(
+            warnings,
+            "The worklist SCP sent no Specific Character Set, but its non-ASCII text is valid UTF-8, "
+            f"so it was decoded as ISO_IR 192 (UTF-8). {advice}",
+        )
+        return ["ISO_IR 192"]
+    # Otherwise the connection's character set is the admin's statement of
+    # what the server uses, and nothing in the bytes contradicts it.
+    return fallback
 
 
 def _join_terms(terms: Sequence[str]) -> str:
