@@ -47,7 +47,7 @@ def storage_peer(
 
 @contextmanager
 def silent_peer() -> Iterator[int]:
-    """Accept TCP connections and never answer, like a service that hangs."""
+    """Accept TCP connections and never respond, like a service that hangs."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)

@@ -50,7 +50,7 @@ def write_worklist_file(item: Dataset, path: Path) -> Path:
     """Write `item` as a DICOM file that wlmscpfs reads as one worklist entry."""
     item = item.copy()
     meta = FileMetaDataset()
-    # A worklist file has no SOP class of its own, so the MWL FIND model stands in as a placeholder.
+    # A worklist file has no SOP class of its own, so the MWL FIND model is used as a placeholder.
     meta.MediaStorageSOPClassUID = ModalityWorklistInformationFind
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian

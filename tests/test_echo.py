@@ -104,7 +104,7 @@ def test_echo_cli_invalid_ae_title_exit_2(args, expected):
     assert expected in run.stderr
 
 
-def test_echo_cli_lower_case_ae_title_warns_and_keeps_case():
+def test_echo_cli_lower_case_warning():
     with storage_peer(ae_title="pacs", require_called_aet=True) as port:
         run = subprocess.run(
             [*CLI, "echo", "127.0.0.1", str(port), "--calling-aet", "pb", "--called-aet", "pacs"],

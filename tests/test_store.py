@@ -198,7 +198,7 @@ def test_store_cli_folder_json(start_storescp, tmp_path, ultrasound_samples):
     assert {item["category"] for item in data["instances"]} == {"success"}
 
 
-def test_store_cli_rejects_non_dicom_file_and_exits_1(start_storescp, tmp_path):
+def test_store_cli_non_dicom_file(start_storescp, tmp_path):
     scp = start_storescp()
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image")

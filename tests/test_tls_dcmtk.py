@@ -1,4 +1,4 @@
-"""DICOM-TLS against DCMTK storescp: trust modes, pinning, client certificates and failures told apart."""
+"""DICOM-TLS against DCMTK storescp: trust modes, pinning, client certificates and the classification of failures."""
 
 import json
 import socket

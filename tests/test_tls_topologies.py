@@ -3,7 +3,7 @@
 pacsbridge speaks DICOM-TLS to nginx, HAProxy or stunnel, which terminate TLS
 and forward plain DICOM to DCMTK storescp or wlmscpfs, and to Orthanc, which
 receives over DICOM-TLS and forwards each instance in plain DICOM. The last
-tests check that --bind-address sets the source address the front end sees.
+tests check that --bind-address sets the source address that arrives at the front end.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def test_fallback_charset_when_server_sends_none(worklist_root):
     assert _names(utf8) == [CHINESE]
     assert utf8.items[0].raw.SpecificCharacterSet == "ISO_IR 192"
     # With a Latin-1 fallback the undeclared UTF-8 text is still recognized,
-    # and the warning says how to make the server declare it.
+    # and the warning names how to make the server declare it.
     assert _names(utf8_as_latin) == [CHINESE]
     assert any("valid UTF-8" in warning for warning in utf8_as_latin.warnings)
     assert latin.warnings == []

@@ -1,4 +1,4 @@
-"""Worklist answers that declare no Specific Character Set but carry non-ASCII text."""
+"""Worklist responses that declare no Specific Character Set but carry non-ASCII text."""
 
 import io
 

@@ -10,7 +10,7 @@ _PRIVATE_KEY_MARKERS = ("PRIVATE KEY-----",)
 
 
 def check_scp_certificate_pem(pem: str) -> list[Problem]:
-    """Check that `pem` holds one or more X.509 certificates and no private key.
+    """Check that `pem` contains one or more X.509 certificates and no private key.
 
     The text is never echoed back: a private key pasted by mistake must not end
     up in logs or error messages.

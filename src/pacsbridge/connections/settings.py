@@ -1,6 +1,6 @@
 """Connection settings for a PACS/VNA (storage SCP) or a Modality Worklist SCP.
 
-`ConnectionSettings` contains every field an admin sets; `validate_settings` checks
+`ConnectionSettings` contains every field an admin sets. `validate_settings` checks
 them all at once and returns the problems it found, each naming the field, the
 value and the fix. Nothing is stored until `ValidationReport.ok` is true.
 """

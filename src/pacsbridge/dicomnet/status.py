@@ -1,8 +1,9 @@
 """DIMSE status codes: category and meaning, per PS3.7 Annex C and PS3.4 Annex B.
 
-PS3.7 C.1 ranges decide the category of a code: 0x0000 success; 0x0001,
-0x0107, 0x0116 and 0xBxxx warnings; 0xFE00 cancel; 0xFF00 and 0xFF01
-pending; everything else, including codes not listed, is a failure.
+The ranges of PS3.7 C.1 decide the category of a code. 0x0000 is success.
+0x0001, 0x0107, 0x0116 and 0xBxxx are warnings, 0xFE00 is cancel, and 0xFF00
+and 0xFF01 are pending. Everything else, including codes not listed, is a
+failure.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class StatusMeaning:
 
     @property
     def is_stored(self) -> bool:
-        """True for a C-STORE response after which the SCP holds the instance."""
+        """True for a C-STORE response after which the SCP has stored the instance."""
         return self.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
 
     def as_dict(self) -> dict[str, object]:

@@ -1,9 +1,9 @@
 """C-STORE: send a set of instances over one association and report each outcome.
 
 Presentation contexts are proposed per SOP class with one transfer syntax
-each, so the SCP's response shows exactly which syntaxes it accepts: the
-instance's own syntax, the default syntax the standard requires beside it,
-Explicit VR Little Endian and Implicit VR Little Endian. An instance whose own
+each, so the SCP's response shows exactly which syntaxes it accepts. The
+proposed syntaxes are the instance's own, the default syntax the standard
+requires beside it, Explicit VR Little Endian and Implicit VR Little Endian. An instance whose own
 syntax was refused is sent uncompressed, with the same pixel values.
 """
 

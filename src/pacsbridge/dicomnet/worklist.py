@@ -532,7 +532,7 @@ def _response_terms(identifier: Dataset, fallback: list[str], warnings: list[str
 
 
 # Code extensions that cover every ISO 2022 escape sequence DICOM defines for
-# the multi-byte sets (Japanese, Korean, Chinese), for answers that use escape
+# the multi-byte sets (Japanese, Korean, Chinese), for responses that use escape
 # sequences without declaring a Specific Character Set.
 _ISO_2022_ALL = ["ISO 2022 IR 6", "ISO 2022 IR 13", "ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"]
 # Top-level text only: raw sequence bytes also hold item tags and lengths,
@@ -544,7 +544,7 @@ def _raw_text(identifier: Dataset) -> bytes:
     """Return the still-undecoded bytes of the top-level text elements of `identifier`."""
     chunks = []
     for tag, element in identifier._dict.items():
-        # Implicit VR answers carry no VR in the raw element, so the dictionary gives it.
+        # Implicit VR responses carry no VR in the raw element, so the VR comes from the dictionary.
         vr = getattr(element, "VR", None) or _dictionary_vr(tag)
         value = getattr(element, "value", None)
         if vr in _TEXT_VRS and isinstance(value, (bytes, bytearray)):
@@ -560,7 +560,7 @@ def _dictionary_vr(tag: int) -> str | None:
 
 
 def _terms_without_declaration(identifier: Dataset, fallback: list[str], warnings: list[str]) -> list[str]:
-    """Choose how to decode an answer that declares no Specific Character Set.
+    """Choose how to decode a response that declares no Specific Character Set.
 
     Plain ASCII needs no choice. Escape sequences mean ISO 2022 code
     extensions, and valid multi-byte UTF-8 almost never occurs by chance in a

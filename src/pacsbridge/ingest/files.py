@@ -1,7 +1,7 @@
 """Read and check DICOM Part-10 files before they are sent or stored.
 
-Each file is checked on its own; a bad file gets a reason that names the file
-and what is wrong, and never stops the good files beside it.
+Each file is checked on its own. A bad file gets a reason that names the file
+and what is wrong, and it never stops the good files beside it.
 """
 
 from __future__ import annotations

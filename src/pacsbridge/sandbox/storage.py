@@ -2,7 +2,7 @@
 
 It writes each received instance to a folder as a Part-10 file named after its
 SOP Instance UID, exactly as received (no re-encoding), and can be set to
-accept only some transfer syntaxes or to answer with a chosen status.
+accept only some transfer syntaxes or to respond with a chosen status.
 """
 
 from __future__ import annotations

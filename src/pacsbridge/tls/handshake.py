@@ -13,8 +13,8 @@ from pacsbridge.dicomnet.failures import Failure, FailureKind
 from pacsbridge.tls.certificates import colon_fingerprint
 from pacsbridge.tls.context import TlsMode, TlsSettings, build_client_context, sha256_fingerprint
 
-# After a handshake in which the server asked for a client certificate, wait
-# this long for its verdict: a TLS 1.3 server reports a missing or rejected
+# After a handshake in which the server requested a client certificate, wait
+# this long for its verdict. A TLS 1.3 server reports a missing or rejected
 # client certificate only after the client has finished, and nginx closes the
 # connection without any alert.
 _POST_HANDSHAKE_WAIT_SECONDS = 1.0
@@ -233,7 +233,7 @@ def probe_tls(
     """Make a TLS handshake with the SCP and describe it; raise TlsFailure with the reason.
 
     `bind_address` is the local address to connect from, as for associations,
-    so a firewall that admits one source address sees the probe come from it.
+    so a firewall that admits one source address receives the probe from it.
     """
     context = build_client_context(settings)
     requested: list[bool] = []
