@@ -122,6 +122,7 @@ OPTION_NAMES = {
     "scu_authentication": "--scu-auth",
     "image_compression": "--image-compression",
     "loop_compression": "--loop-compression",
+    "jpeg_quality": "--jpeg-quality",
     "monochrome": "--monochrome",
     "acse_timeout": "--acse-timeout",
     "dimse_timeout": "--dimse-timeout",
@@ -235,6 +236,14 @@ LoopCompressionOption = Annotated[
         help="Compression of cine loops sent to the SCP (default: as-received).",
     ),
 ]
+JpegQualityOption = Annotated[
+    str | None,
+    typer.Option(
+        "--jpeg-quality",
+        metavar="N",
+        help="JPEG Baseline quality from 1 to 100, used where compression is jpeg-baseline (default: 90).",
+    ),
+]
 MonochromeOption = Annotated[
     str | None,
     typer.Option(
@@ -289,6 +298,7 @@ EditScuAuthOption = _edit_variant(ScuAuthOption)
 EditImageCompressionOption = _edit_variant(ImageCompressionOption)
 EditLoopCompressionOption = _edit_variant(LoopCompressionOption)
 EditMonochromeOption = _edit_variant(MonochromeOption)
+EditJpegQualityOption = _edit_variant(JpegQualityOption)
 EditAcseTimeoutOption = _edit_variant(AcseTimeoutOption)
 EditDimseTimeoutOption = _edit_variant(DimseTimeoutOption)
 EditConnectionTimeoutOption = _edit_variant(ConnectionTimeoutOption)
@@ -732,6 +742,7 @@ def _show_lines(record: ConnectionRecord) -> list[str]:
         ("character_set", record.character_set),
         ("image_compression", record.image_compression.value),
         ("loop_compression", record.loop_compression.value),
+        ("jpeg_quality", str(record.jpeg_quality)),
         ("monochrome", record.monochrome.value),
         ("acse_timeout", f"{record.acse_timeout:g} s"),
         ("dimse_timeout", f"{record.dimse_timeout:g} s"),
@@ -901,6 +912,7 @@ def add_command(
     scu_auth: ScuAuthOption = None,
     image_compression: ImageCompressionOption = None,
     loop_compression: LoopCompressionOption = None,
+    jpeg_quality: JpegQualityOption = None,
     monochrome: MonochromeOption = None,
     acse_timeout: AcseTimeoutOption = None,
     dimse_timeout: DimseTimeoutOption = None,
@@ -928,6 +940,7 @@ def add_command(
             "scu_authentication": scu_auth,
             "image_compression": image_compression,
             "loop_compression": loop_compression,
+            "jpeg_quality": jpeg_quality,
             "monochrome": monochrome,
             "acse_timeout": acse_timeout,
             "dimse_timeout": dimse_timeout,
@@ -979,6 +992,7 @@ def edit_command(
     scu_auth: EditScuAuthOption = None,
     image_compression: EditImageCompressionOption = None,
     loop_compression: EditLoopCompressionOption = None,
+    jpeg_quality: EditJpegQualityOption = None,
     monochrome: EditMonochromeOption = None,
     acse_timeout: EditAcseTimeoutOption = None,
     dimse_timeout: EditDimseTimeoutOption = None,
@@ -1011,6 +1025,7 @@ def edit_command(
             "scu_authentication": scu_auth,
             "image_compression": image_compression,
             "loop_compression": loop_compression,
+            "jpeg_quality": jpeg_quality,
             "monochrome": monochrome,
             "acse_timeout": acse_timeout,
             "dimse_timeout": dimse_timeout,

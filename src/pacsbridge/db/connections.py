@@ -311,6 +311,7 @@ def _normalize(settings: ConnectionSettings) -> ConnectionSettings:
         scu_authentication=ScuAuthentication(settings.scu_authentication),
         image_compression=Compression(settings.image_compression),
         loop_compression=Compression(settings.loop_compression),
+        jpeg_quality=int(str(settings.jpeg_quality).strip()),
         monochrome=MonochromeMode(settings.monochrome),
         acse_timeout=float(settings.acse_timeout),
         dimse_timeout=float(settings.dimse_timeout),

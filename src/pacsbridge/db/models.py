@@ -40,6 +40,7 @@ from pacsbridge.connections import (
     ScuAuthentication,
     TlsMode,
 )
+from pacsbridge.connections.settings import DEFAULT_JPEG_QUALITY
 
 # Explicit constraint names let later migrations drop or alter constraints by
 # name, which SQLite batch migrations need.
@@ -154,6 +155,7 @@ class ConnectionRecord(Base):
         CheckConstraint(_in_values("image_compression", Compression), name="image_compression"),
         CheckConstraint(_in_values("loop_compression", Compression), name="loop_compression"),
         CheckConstraint(_in_values("monochrome", MonochromeMode), name="monochrome"),
+        CheckConstraint("jpeg_quality BETWEEN 1 AND 100", name="jpeg_quality"),
         CheckConstraint(
             "acse_timeout > 0 AND dimse_timeout > 0 AND connection_timeout > 0", name="timeouts_positive"
         ),
@@ -178,6 +180,7 @@ class ConnectionRecord(Base):
     scu_authentication: Mapped[ScuAuthentication] = mapped_column(StrEnumType(ScuAuthentication))
     image_compression: Mapped[Compression] = mapped_column(StrEnumType(Compression))
     loop_compression: Mapped[Compression] = mapped_column(StrEnumType(Compression))
+    jpeg_quality: Mapped[int] = mapped_column(Integer, default=DEFAULT_JPEG_QUALITY, server_default=text("90"))
     monochrome: Mapped[MonochromeMode] = mapped_column(StrEnumType(MonochromeMode))
     acse_timeout: Mapped[float] = mapped_column(Float)
     dimse_timeout: Mapped[float] = mapped_column(Float)
