@@ -112,7 +112,7 @@ def run_ok(data_dir: Path, *args: str) -> Result:
     return result
 
 
-def _add_connection(data_dir: Path, name: str, kind: str, port: int, called_ae: str) -> None:
+def _add_connection(data_dir: Path, name: str, kind: str, port: int, called_ae: str, *extra: str) -> None:
     run_ok(
         data_dir,
         "connections",
@@ -136,6 +136,7 @@ def _add_connection(data_dir: Path, name: str, kind: str, port: int, called_ae: 
         "10",
         "--connection-timeout",
         "10",
+        *extra,
     )
 
 
@@ -154,7 +155,8 @@ def _studies(data_dir: Path) -> list[dict]:
 
 def test_pick_flows_to_pacs(data_dir, tmp_path, start_storescp):
     storescp = start_storescp()
-    _add_connection(data_dir, PACS, "pacs", storescp.port, storescp.ae_title)
+    # The PACS takes UTF-8: its default, ISO_IR 100, cannot hold the Japanese name.
+    _add_connection(data_dir, PACS, "pacs", storescp.port, storescp.ae_title, "--charset", "ISO_IR 192")
     run_ok(data_dir, "archives", "link", ARCHIVE, PACS)
 
     listed = json.loads(run_ok(data_dir, "worklist", "--connection", MWL, "--json").stdout)

@@ -21,6 +21,8 @@ from pacsbridge.dicomnet.association import Endpoint
 from pacsbridge.dicomnet.status import StatusCategory
 from pacsbridge.dicomnet.store import build_contexts, store_instances
 from pacsbridge.ingest.files import collect_instances, inspect_file
+from pacsbridge.prepare.pipeline import plan_instance
+from pacsbridge.prepare.plan import AS_RECEIVED
 
 CLI = [sys.executable, "-m", "pacsbridge.cli.main"]
 
@@ -42,7 +44,7 @@ def assert_same_attributes(sent, received):
 
 def test_build_contexts_one_syntax_each():
     instance = inspect_file(SAMPLES / "JPEGExtended_3s_1f_u_08_08.dcm")
-    contexts = build_contexts([instance])
+    contexts = build_contexts([plan_instance(instance, AS_RECEIVED)])
     assert all(len(cx.transfer_syntax) == 1 for cx in contexts)
     assert [cx.transfer_syntax[0] for cx in contexts] == [
         JPEGExtended12Bit,
@@ -55,7 +57,7 @@ def test_build_contexts_one_syntax_each():
 def test_build_contexts_for_mixed_classes(ultrasound_samples):
     instances, rejected = collect_instances(ultrasound_samples)
     assert not rejected
-    classes = {cx.abstract_syntax for cx in build_contexts(instances)}
+    classes = {cx.abstract_syntax for cx in build_contexts([plan_instance(i, AS_RECEIVED) for i in instances])}
     assert "1.2.840.10008.5.1.4.1.1.6.1" in classes  # Ultrasound Image Storage
     assert "1.2.840.10008.5.1.4.1.1.3.1" in classes  # Ultrasound Multi-frame Image Storage
     assert "1.2.840.10008.5.1.4.1.1.6" in classes  # retired Ultrasound Image Storage

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.dcmtk
 CLI = [sys.executable, "-m", "pacsbridge.cli.main"]
 CALLING_AE = "PACSBRIDGE"
 # Uncompressed samples, so that every peer accepts them as they are.
-STUDY = [SAMPLES / "US1_UNCR.dcm", SAMPLES / "OBXXXX1A_2frame.dcm"]
+STUDY = [SAMPLES / "US1_UNCR.dcm", SAMPLES / "US-RGB-8-esopecho.dcm"]
 # A second loopback address: Linux routes all of 127.0.0.0/8 to the lo interface.
 EGRESS_ADDRESS = "127.0.0.2"
 

@@ -12,3 +12,8 @@ from pynetdicom import _config as _pynetdicom_config
 # before the worklist query corrects a misspelled character set.
 _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
+# C-STORE from a file path streams the file after its meta header, so pixel
+# data goes out byte for byte and a 1 GB loop never sits in memory whole. The
+# file meta must then name the SOP class, instance and transfer syntax; the
+# preparation step writes a corrected copy of any file whose meta does not.
+_pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

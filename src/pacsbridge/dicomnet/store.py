@@ -1,20 +1,22 @@
 """C-STORE: send a set of instances over one association and report each outcome.
 
 Presentation contexts are proposed per SOP class with one transfer syntax
-each, so the SCP's response shows exactly which syntaxes it accepts. The
-proposed syntaxes are the instance's own, the default syntax the standard
-requires beside it, Explicit VR Little Endian and Implicit VR Little Endian. An instance whose own
-syntax was refused is sent uncompressed, with the same pixel values.
+each, so the SCP's response shows exactly which syntaxes it accepts. What is
+proposed comes from the connection's preparation settings
+(`pacsbridge.prepare.plan`): the configured syntax first, then the
+uncompressed ones as the fallback. Each instance is then prepared for the
+syntax the SCP accepted (`pacsbridge.prepare.pipeline`) and streamed from a
+file, so a large loop never sits in memory whole.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
 from pydicom.uid import UID
 from pynetdicom import Association
 from pynetdicom.presentation import PresentationContext, build_context
@@ -23,13 +25,14 @@ from pacsbridge.dicomnet.association import Endpoint, association
 from pacsbridge.dicomnet.failures import DicomNetworkError, Failure, FailureKind
 from pacsbridge.dicomnet.instances import InstanceFile
 from pacsbridge.dicomnet.status import StatusCategory, StatusMeaning, describe_status
-from pacsbridge.dicomnet.syntaxes import (
-    UNCOMPRESSED,
-    codestream_fits,
-    decode_to_native,
-    relabel,
-    syntaxes_to_propose,
+from pacsbridge.prepare.errors import PreparationError
+from pacsbridge.prepare.pipeline import (
+    InstancePlan,
+    NotSendable,
+    plan_instance,
+    prepare_instance,
 )
+from pacsbridge.prepare.plan import AS_RECEIVED, Preparation
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,9 +52,13 @@ class StoreOutcome:
     status: int | None = None
     # The transfer syntax the instance went out in, when it was sent.
     sent_transfer_syntax: str | None = None
-    # How the instance was prepared: "as-is", "relabelled" or "decoded".
+    # How the instance was prepared: "as-is", "relabelled", "decoded" or "transcoded".
     conversion: str | None = None
     failure: Failure | None = None
+    # The SOP Instance UID sent, when preparation derived a new instance.
+    sent_sop_instance_uid: str | None = None
+    # What preparation changed or could not do (fallbacks, repairs, times left as received).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def stored(self) -> bool:
@@ -69,6 +76,8 @@ class StoreOutcome:
             "meaning": self.meaning,
             "sent_transfer_syntax": self.sent_transfer_syntax,
             "conversion": self.conversion,
+            "sent_sop_instance_uid": self.sent_sop_instance_uid or self.sop_instance_uid,
+            "notes": list(self.notes),
             "failure": None if self.failure is None else self.failure.as_dict(),
         }
 
@@ -90,26 +99,26 @@ class StoreResult:
         }
 
 
-def build_contexts(instances: Sequence[InstanceFile]) -> list[PresentationContext]:
-    """Return one presentation context per (SOP class, transfer syntax) the instances need."""
+def build_contexts(plans: Sequence[InstancePlan]) -> list[PresentationContext]:
+    """Return one presentation context per (SOP class, transfer syntax) the planned instances may need."""
     pairs: list[tuple[str, str]] = []
-    for instance in instances:
-        for syntax in syntaxes_to_propose(UID(instance.transfer_syntax_uid)):
-            pair = (instance.sop_class_uid, str(syntax))
+    for plan in plans:
+        for syntax in plan.candidates.syntaxes:
+            pair = (plan.sop_class_uid, str(syntax))
             if pair not in pairs:
                 pairs.append(pair)
     return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
 
 
-def batch_for_contexts(instances: Sequence[InstanceFile]) -> list[list[InstanceFile]]:
-    """Split `instances` into batches whose contexts fit in one association each."""
-    batches: list[list[InstanceFile]] = []
-    current: list[InstanceFile] = []
-    for instance in instances:
-        if len(build_contexts([*current, instance])) > MAX_CONTEXTS_PER_ASSOCIATION:
+def batch_for_contexts(plans: Sequence[InstancePlan]) -> list[list[InstancePlan]]:
+    """Split `plans` into batches whose contexts fit in one association each."""
+    batches: list[list[InstancePlan]] = []
+    current: list[InstancePlan] = []
+    for plan in plans:
+        if len(build_contexts([*current, plan])) > MAX_CONTEXTS_PER_ASSOCIATION:
             batches.append(current)
             current = []
-        current.append(instance)
+        current.append(plan)
     if current:
         batches.append(current)
     return batches
@@ -123,56 +132,35 @@ def _accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
     ]
 
 
-class _NotSendable(Exception):
-    def __init__(self, reason: str, action: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.action = action
+def _preparation_failure(instance: InstanceFile, exc: PreparationError) -> StoreOutcome:
+    kind = FailureKind.NO_PRESENTATION_CONTEXT if isinstance(exc, NotSendable) else FailureKind.PREPARATION
+    failure = Failure(kind, f"Not sent: {exc.reason}.", exc.action, False)
+    return instance.failed(StatusCategory.FAILURE, failure.summary, failure)
 
 
-def _prepare(instance: InstanceFile, accepted: list[str]) -> tuple[str | Path | Dataset, str, str]:
-    """Choose how to send `instance` given the syntaxes accepted for its SOP class.
+@dataclass
+class _SendContext:
+    endpoint: Endpoint
+    preparation: Preparation
+    workdir: Path
+    # Old -> new UIDs of the instances prepared so far, for rewriting references.
+    uid_map: dict[str, str] = field(default_factory=dict)
 
-    Returns what to pass to C-STORE, the transfer syntax it goes out in and
-    the conversion made. Raises `_NotSendable` when nothing accepted fits.
-    """
-    own = instance.transfer_syntax_uid
-    if own in accepted:
-        # Streamed from the file, so pixel data goes out byte for byte.
-        return instance.path, own, "as-is"
 
-    ds = dcmread(instance.path)
-    for target in accepted:
-        if target not in UNCOMPRESSED and codestream_fits(ds, UID(target)):
-            return relabel(ds, UID(target)), target, "relabelled"
-    native = [syntax for syntax in accepted if syntax in UNCOMPRESSED]
-    if not native:
-        raise _NotSendable(
-            f"the SCP accepted none of the transfer syntaxes proposed for SOP class "
-            f"{UID(instance.sop_class_uid).name} ({instance.sop_class_uid}), not even uncompressed",
-            "Ask the PACS admin to accept this SOP class.",
-        )
+def _send_one(assoc: Association, plan: InstancePlan, context: _SendContext) -> StoreOutcome:
+    instance = plan.instance
+    endpoint = context.endpoint
+    accepted = _accepted_syntaxes(assoc, plan.sop_class_uid)
     try:
-        decode_to_native(ds)
-    except ValueError as exc:
-        raise _NotSendable(
-            f"the SCP does not accept {UID(own).name} for this SOP class, and {exc}",
-            "Ask the PACS admin to accept this transfer syntax, or convert the file with another tool.",
-        ) from None
-    return ds, native[0], "decoded"
+        prepared = prepare_instance(plan, context.preparation, accepted, context.workdir, context.uid_map)
+    except PreparationError as exc:
+        return _preparation_failure(instance, exc)
+    syntax, conversion = prepared.syntax, prepared.conversion
+    sent_uid = prepared.sop_instance_uid if prepared.sop_instance_uid != instance.sop_instance_uid else None
 
-
-def _send_one(assoc: Association, instance: InstanceFile, endpoint: Endpoint) -> StoreOutcome:
-    accepted = _accepted_syntaxes(assoc, instance.sop_class_uid)
+    LOGGER.debug("sending %s as %s (%s)", prepared.sop_instance_uid, syntax, conversion)
     try:
-        payload, syntax, conversion = _prepare(instance, accepted)
-    except _NotSendable as exc:
-        failure = Failure(FailureKind.NO_PRESENTATION_CONTEXT, f"Not sent: {exc.reason}.", exc.action, False)
-        return instance.failed(StatusCategory.FAILURE, failure.summary, failure)
-
-    LOGGER.debug("sending %s as %s (%s)", instance.sop_instance_uid, syntax, conversion)
-    try:
-        response = assoc.send_c_store(payload)
+        response = assoc.send_c_store(prepared.payload)
     except (ValueError, AttributeError, TypeError, KeyError) as exc:
         # pynetdicom raises these when the data set cannot be encoded in the
         # accepted syntax; nothing was sent for this instance.
@@ -183,6 +171,9 @@ def _send_one(assoc: Association, instance: InstanceFile, endpoint: Endpoint) ->
             transient=False,
         )
         return instance.failed(StatusCategory.FAILURE, failure.summary, failure)
+    finally:
+        if isinstance(prepared.payload, Path) and prepared.payload.parent == context.workdir:
+            prepared.payload.unlink(missing_ok=True)
     if response is None or "Status" not in response:
         failure = Failure(
             FailureKind.DIMSE_TIMEOUT,
@@ -203,17 +194,20 @@ def _send_one(assoc: Association, instance: InstanceFile, endpoint: Endpoint) ->
         status=meaning.code,
         sent_transfer_syntax=syntax,
         conversion=conversion,
+        sent_sop_instance_uid=sent_uid,
+        notes=prepared.notes,
     )
 
 
 def _send_batch(
-    endpoint: Endpoint,
-    batch: list[InstanceFile],
+    context: _SendContext,
+    batch: list[InstancePlan],
     on_outcome: Callable[[StoreOutcome], None],
 ) -> None:
+    endpoint = context.endpoint
     try:
         with association(endpoint, build_contexts(batch)) as assoc:
-            for index, instance in enumerate(batch):
+            for index, plan in enumerate(batch):
                 if not assoc.is_established:
                     failure = Failure(
                         FailureKind.CONNECTION_LOST,
@@ -222,24 +216,27 @@ def _send_batch(
                         transient=True,
                     )
                     for rest in batch[index:]:
-                        on_outcome(rest.failed(StatusCategory.FAILURE, failure.summary, failure))
+                        on_outcome(rest.instance.failed(StatusCategory.FAILURE, failure.summary, failure))
                     return
-                on_outcome(_send_one(assoc, instance, endpoint))
+                on_outcome(_send_one(assoc, plan, context))
     except DicomNetworkError as exc:
-        for instance in batch:
-            on_outcome(instance.failed(StatusCategory.FAILURE, exc.failure.summary, exc.failure))
+        for plan in batch:
+            on_outcome(plan.instance.failed(StatusCategory.FAILURE, exc.failure.summary, exc.failure))
 
 
 def store_instances(
     endpoint: Endpoint,
     instances: Iterable[InstanceFile],
     *,
+    preparation: Preparation = AS_RECEIVED,
     on_outcome: Callable[[StoreOutcome], None] | None = None,
 ) -> StoreResult:
-    """Send `instances` to `endpoint` by C-STORE and return each instance's outcome.
+    """Send `instances` to `endpoint` by C-STORE, prepared as `preparation` says, and return each outcome.
 
     One association carries them all, unless their presentation contexts do
-    not fit in one. Association failures become failed outcomes rather than
+    not fit in one. Images go before the objects without pixel data, so that
+    references to images that became derived instances can be rewritten.
+    Preparation and association failures become failed outcomes rather than
     exceptions, so every instance gets exactly one outcome.
     """
     result = StoreResult()
@@ -269,6 +266,15 @@ def store_instances(
         if on_outcome is not None:
             on_outcome(outcome)
 
-    for batch in batch_for_contexts(list(instances)):
-        _send_batch(endpoint, batch, record)
+    plans: list[InstancePlan] = []
+    for instance in instances:
+        try:
+            plans.append(plan_instance(instance, preparation))
+        except PreparationError as exc:
+            record(_preparation_failure(instance, exc))
+    plans.sort(key=lambda plan: not plan.has_pixels)
+    with tempfile.TemporaryDirectory(prefix="pacsbridge-prepared-") as workdir:
+        context = _SendContext(endpoint, preparation, Path(workdir))
+        for batch in batch_for_contexts(plans):
+            _send_batch(context, batch, record)
     return result

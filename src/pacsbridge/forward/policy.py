@@ -32,6 +32,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pydicom.uid import UID
+
 from pacsbridge.db.forwarding import AttemptOutcome, DeliveryState
 from pacsbridge.dicomnet.failures import FailureKind
 from pacsbridge.dicomnet.status import StatusCategory
@@ -190,7 +192,7 @@ def classify(outcome: StoreOutcome, policy: ForwardingPolicy) -> Classification:
         assert outcome.status is not None
         text = _status_text(outcome.status, outcome.meaning)
         warning = text if outcome.category == StatusCategory.WARNING else None
-        return Classification(Verdict.STORED, text, warning_text=warning)
+        return Classification(Verdict.STORED, text + _preparation_text(outcome), warning_text=warning)
 
     if outcome.status is not None:
         return _classify_status(outcome.status, outcome.meaning, policy)
@@ -204,6 +206,15 @@ def classify(outcome: StoreOutcome, policy: ForwardingPolicy) -> Classification:
     # Failure.transient separates transient from permanent rejections (PS3.8
     # result 2 or 1) and TLS handshake timeouts from certificate problems.
     return Classification(Verdict.RETRY if failure.transient else Verdict.NEEDS_ATTENTION, text)
+
+
+def _preparation_text(outcome: StoreOutcome) -> str:
+    """Return how the instance was prepared, for the delivery's record; empty when it went as received."""
+    parts = []
+    if outcome.conversion and outcome.conversion != "as-is" and outcome.sent_transfer_syntax:
+        parts.append(f"{outcome.conversion} to {UID(outcome.sent_transfer_syntax).name}")
+    parts += outcome.notes
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _classify_status(code: int, meaning: str, policy: ForwardingPolicy) -> Classification:

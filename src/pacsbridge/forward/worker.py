@@ -34,6 +34,7 @@ from pacsbridge.db.models import ConnectionRecord, utc_now
 from pacsbridge.dicomnet.echo import echo
 from pacsbridge.dicomnet.instances import InstanceFile
 from pacsbridge.dicomnet.store import StoreOutcome, store_instances
+from pacsbridge.prepare.plan import Preparation
 from pacsbridge.forward import health
 from pacsbridge.forward.policy import (
     CONNECTION_FAILURE_KINDS,
@@ -284,7 +285,12 @@ class Worker:
         ) as endpoint:
             heartbeat.start()
             try:
-                store_instances(endpoint, list(files.values()), on_outcome=on_outcome)
+                store_instances(
+                    endpoint,
+                    list(files.values()),
+                    preparation=Preparation.from_settings(settings),
+                    on_outcome=on_outcome,
+                )
             finally:
                 heartbeat.finish()
 

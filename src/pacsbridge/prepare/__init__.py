@@ -1,0 +1,1 @@
+"""Prepare instances for one PACS: compression, monochrome, time zone, character set, repairs."""
