@@ -36,6 +36,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLosslessSV1, UltrasoundMultiFrameImageStorage
 
+from pacsbridge.ingest.testimages import doppler_like_loop
 from pacsbridge.prepare.pixels import PixelTarget, write_prepared
 
 ROWS, COLUMNS, FRAMES = 480, 640, 90
@@ -48,28 +49,7 @@ LARGE_LOOP_DISTINCT_FRAMES = 30
 
 def render_frames(count: int, rows: int, columns: int, seed: int) -> np.ndarray:
     """Return `count` RGB frames of a colour Doppler-like loop: speckled sector, cyst, scale, flow."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
-    depth = np.hypot(x - columns / 2, y + rows * 0.05)
-    angle = np.arctan2(x - columns / 2, y + rows * 0.05)
-    sector = (np.abs(angle) < 0.65) & (depth < rows * 0.98)
-    tissue = 0.55 + 0.25 * np.sin(depth / 14.0) + 0.2 * np.cos(angle * 7.0)
-    cyst = np.hypot(x - columns * 0.42, y - rows * 0.55) < rows * 0.09
-    vessel = np.abs(y - rows * 0.35 - 0.08 * (x - columns / 2)) < rows * 0.025
-    frames = np.zeros((count, rows, columns, 3), dtype=np.uint8)
-    for index in range(count):
-        grain = rng.rayleigh(1.0, size=(rows, columns)).astype(np.float32)
-        # Scan-converted speckle grains span a few pixels, longer across than along the beam.
-        grain = sum(np.roll(grain, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-2, -1, 0, 1, 2)) / 15
-        echo = np.where(cyst, 0.08, tissue) * grain
-        grey = np.clip(255 * np.log1p(4 * echo) / np.log1p(8), 0, 255)
-        grey = np.where(sector, grey, 0).astype(np.uint8)
-        frame = np.repeat(grey[..., None], 3, axis=2)
-        frame[8 : rows - 8 : 20, columns - 14 : columns - 4] = 230
-        flow = vessel & sector & (np.abs(x - columns / 2) < columns * (0.1 + 0.08 * np.sin(index / 3)))
-        frame[flow] = (200, 40, 30) if index % 10 < 5 else (30, 60, 210)
-        frames[index] = frame
-    return frames
+    return doppler_like_loop(count, rows, columns, seed)
 
 
 def write_loop(path: Path, frame_source: np.ndarray, frame_count: int) -> int:

@@ -25,6 +25,7 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
+from pacsbridge.ingest.testimages import doppler_like_loop
 from pacsbridge.prepare.errors import PreparationError
 from pacsbridge.prepare.frames import (
     iter_encapsulated_frames,
@@ -39,36 +40,8 @@ from pacsbridge.prepare.uids import derived_uid
 UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
-# Synthetic ultrasound loop: a sector of speckle with grey tissue, a dark cyst, a
-# bright depth scale outside the sector and a pulsing colour flow overlay.
-
-
 def ultrasound_loop(frames: int, rows: int, columns: int, seed: int = 7) -> np.ndarray:
-    """Return a (frames, rows, columns, 3) uint8 RGB loop that looks like a colour Doppler cine."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
-    depth = np.hypot(x - columns / 2, y + rows * 0.05)
-    angle = np.arctan2(x - columns / 2, y + rows * 0.05)
-    sector = (np.abs(angle) < 0.65) & (depth < rows * 0.98)
-    tissue = 0.55 + 0.25 * np.sin(depth / 9.0) + 0.2 * np.cos(angle * 7.0)
-    cyst = np.hypot(x - columns * 0.42, y - rows * 0.55) < rows * 0.09
-    vessel = np.abs(y - rows * 0.35 - 0.08 * (x - columns / 2)) < rows * 0.025
-    loop = np.zeros((frames, rows, columns, 3), dtype=np.uint8)
-    for index in range(frames):
-        grain = rng.rayleigh(1.0, size=(rows, columns)).astype(np.float32)
-        # Scan-converted speckle grains span a few pixels, longer across than along the beam.
-        grain = sum(np.roll(grain, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-2, -1, 0, 1, 2)) / 15
-        echo = np.where(cyst, 0.08, tissue) * grain
-        grey = np.clip(255 * np.log1p(4 * echo) / np.log1p(8), 0, 255)
-        grey = np.where(sector, grey, 0).astype(np.uint8)
-        frame = np.repeat(grey[..., None], 3, axis=2)
-        frame[8 : rows - 8 : 20, columns - 12 : columns - 4] = 230  # depth scale ticks
-        flow = vessel & sector & (np.abs(x - columns / 2) < columns * (0.1 + 0.08 * np.sin(index / 2)))
-        red = np.array([200, 40, 30], dtype=np.uint8)
-        blue = np.array([30, 60, 210], dtype=np.uint8)
-        frame[flow] = red if index % 6 < 3 else blue
-        loop[index] = frame
-    return loop
+    return doppler_like_loop(frames, rows, columns, seed)
 
 
 def ultrasound_dataset(pixels: np.ndarray, syntax=ExplicitVRLittleEndian) -> Dataset:

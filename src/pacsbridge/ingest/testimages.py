@@ -174,9 +174,7 @@ def write_test_study(
         _save(doppler, outdir / COLOR_DOPPLER_FILE_NAME),
         _save(loop, outdir / LOOP_FILE_NAME),
     ]
-    LOGGER.info(
-        "wrote test study %s with %d instances to %s", context.study_instance_uid, len(paths), outdir
-    )
+    LOGGER.info("wrote test study %s with %d instances to %s", context.study_instance_uid, len(paths), outdir)
     return paths
 
 
@@ -564,13 +562,13 @@ def _scan_conversion(geometry: _SectorGeometry) -> _ScanConversion:
     radius = np.hypot(dx, dy)
     angle = np.arctan2(dx, dy)
     inside = (
-        (radius >= geometry.inner_radius)
-        & (radius <= geometry.outer_radius)
-        & (np.abs(angle) <= geometry.half_angle)
+        (radius >= geometry.inner_radius) & (radius <= geometry.outer_radius) & (np.abs(angle) <= geometry.half_angle)
     )
-    depth_index = (radius[inside] - geometry.inner_radius) / (
-        geometry.outer_radius - geometry.inner_radius
-    ) * (geometry.depth_samples - 1)
+    depth_index = (
+        (radius[inside] - geometry.inner_radius)
+        / (geometry.outer_radius - geometry.inner_radius)
+        * (geometry.depth_samples - 1)
+    )
     beam_index = (angle[inside] + geometry.half_angle) / (2 * geometry.half_angle) * (geometry.beams - 1)
     return _ScanConversion(
         _read_only(inside), _read_only(depth_index), _read_only(beam_index), _read_only(radius), _read_only(angle)
@@ -690,9 +688,7 @@ def _organ_shift_cm(depth_cm: np.ndarray, phase: float) -> np.ndarray:
     return _ORGAN_MOTION_CM * np.sin(2 * np.pi * phase) * ramp
 
 
-def _render_b_mode(
-    geometry: _SectorGeometry, speckle: _Speckle, *, phase: float, decorrelate: bool
-) -> np.ndarray:
+def _render_b_mode(geometry: _SectorGeometry, speckle: _Speckle, *, phase: float, decorrelate: bool) -> np.ndarray:
     """Render one gray B-mode frame as uint8 (rows, columns) at a loop phase in [0, 1).
 
     With `decorrelate`, part of the speckle is drawn anew, as between frames of a clip.
@@ -716,9 +712,7 @@ def _render_b_mode(
     return np.rint(image).astype(np.uint8)
 
 
-def _anatomy(
-    probe: _ProbeCoordinates, depth_cm: np.ndarray, phase: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _anatomy(probe: _ProbeCoordinates, depth_cm: np.ndarray, phase: float) -> tuple[np.ndarray, np.ndarray]:
     """Return echo reflectivity and a fluid mask of an abdomen-like scene.
 
     The abdominal wall (skin, fat with septa, muscle between two fasciae) follows the
@@ -977,3 +971,36 @@ def _color_flow_region(geometry: _SectorGeometry) -> Dataset:
     )
     item.PulseRepetitionFrequency = COLOR_PULSE_REPETITION_FREQUENCY_HZ
     return item
+
+
+def doppler_like_loop(frames: int, rows: int, columns: int, seed: int = 7) -> np.ndarray:
+    """Return a (frames, rows, columns, 3) uint8 RGB loop that looks like a colour Doppler cine.
+
+    A sector of speckle with grey tissue, a dark cyst, a bright depth scale and a
+    pulsing red and blue flow overlay: content for codec tests and benchmarks, faster
+    to render than the test study's scan-converted B-mode.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:columns].astype(np.float32)
+    depth = np.hypot(x - columns / 2, y + rows * 0.05)
+    angle = np.arctan2(x - columns / 2, y + rows * 0.05)
+    sector = (np.abs(angle) < 0.65) & (depth < rows * 0.98)
+    tissue = 0.55 + 0.25 * np.sin(depth / 9.0) + 0.2 * np.cos(angle * 7.0)
+    cyst = np.hypot(x - columns * 0.42, y - rows * 0.55) < rows * 0.09
+    vessel = np.abs(y - rows * 0.35 - 0.08 * (x - columns / 2)) < rows * 0.025
+    loop = np.zeros((frames, rows, columns, 3), dtype=np.uint8)
+    for index in range(frames):
+        grain = rng.rayleigh(1.0, size=(rows, columns)).astype(np.float32)
+        # Scan-converted speckle grains span a few pixels, longer across than along the beam.
+        grain = sum(np.roll(grain, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-2, -1, 0, 1, 2)) / 15
+        echo = np.where(cyst, 0.08, tissue) * grain
+        grey = np.clip(255 * np.log1p(4 * echo) / np.log1p(8), 0, 255)
+        grey = np.where(sector, grey, 0).astype(np.uint8)
+        frame = np.repeat(grey[..., None], 3, axis=2)
+        frame[8 : rows - 8 : 20, columns - 12 : columns - 4] = 230  # depth scale ticks
+        flow = vessel & sector & (np.abs(x - columns / 2) < columns * (0.1 + 0.08 * np.sin(index / 2)))
+        red = np.array([200, 40, 30], dtype=np.uint8)
+        blue = np.array([30, 60, 210], dtype=np.uint8)
+        frame[flow] = red if index % 6 < 3 else blue
+        loop[index] = frame
+    return loop
