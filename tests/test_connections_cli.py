@@ -470,3 +470,20 @@ def test_entry_point_subprocess(tmp_path: Path) -> None:
     assert "UNSECURED" in show_result.stdout
     assert rejected.returncode == 2
     assert "error: port 0: is not a TCP port." in rejected.stderr
+
+
+def test_add_without_timezone_warns_about_utc(tmp_path):
+    from typer.testing import CliRunner
+
+    from pacsbridge.cli.main import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "connections", "add", "PACS", "--kind", "pacs", "--host", "127.0.0.1", "--port", "104",
+            "--calling-aet", "POCUS", "--called-aet", "PACS", "--test-only", "--data-dir", str(tmp_path),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "warning: timezone 'UTC': was not given" in result.output
+    assert "--timezone ZONE" in result.output

@@ -24,7 +24,11 @@ runner = CliRunner(
         "PACSBRIDGE_BIND_ADDRESS": None,
     }
 )
-BASE_ADD = ["--kind", "pacs", "--host", "127.0.0.1", "--port", "2762", "--calling-aet", "POCUS", "--called-aet", "PACS"]
+# The time zone is given, so `add` does not warn that times will be converted to UTC.
+BASE_ADD = [
+    "--kind", "pacs", "--host", "127.0.0.1", "--port", "2762", "--calling-aet", "POCUS", "--called-aet", "PACS",
+    "--timezone", "UTC",
+]  # fmt: skip
 
 
 @pytest.fixture

@@ -310,6 +310,14 @@ def test_worker_applies_the_connection_settings(start_storescp, study, tmp_path)
         with sessions.begin() as session:
             details = [attempt.detail or "" for attempt in session.scalars(select(DeliveryAttempt))]
         assert any("new SOP Instance UID 2.25." in detail for detail in details)
+
+        # The admin's view of each stored delivery says how it was prepared.
+        from pacsbridge.forward.status import list_studies
+
+        with sessions.begin() as session:
+            views = [delivery for study_view in list_studies(session) for delivery in study_view.deliveries]
+        assert all("transcoded to JPEG" in view.detail for view in views), [view.detail for view in views]
+        assert all("times converted to America/Los_Angeles" in view.detail for view in views)
     finally:
         close_database(sessions)
 
@@ -374,3 +382,49 @@ def test_references_follow_a_derived_instance(start_storescp, study, tmp_path):
     received = dcmread(received_by_uid(scp.folder)[str(report.SOPInstanceUID)])
     referenced = received.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == new_uid
+
+
+@pytest.mark.dcmtk
+def test_duplicate_file_keeps_its_source_reference(start_storescp, study, tmp_path):
+    copy = tmp_path / "copy.dcm"
+    shutil.copyfile(study["b-mode"], copy)
+    scp = start_storescp("+xa")
+    instances, _ = collect_instances([study["b-mode"], copy])
+    result = store_instances(endpoint(scp), instances, preparation=B_MODE_ONLY_BASELINE)
+    assert result.all_stored
+    source_uid = str(dcmread(study["b-mode"], stop_before_pixels=True).SOPInstanceUID)
+    for outcome in result.outcomes:
+        assert outcome.sent_sop_instance_uid != source_uid
+    for path in scp.received():
+        received = dcmread(path, stop_before_pixels=True)
+        assert received.SourceImageSequence[-1].ReferencedSOPInstanceUID == source_uid
+
+
+@pytest.mark.dcmtk
+def test_single_frame_class_repair_names_its_source(start_storescp):
+    scp = start_storescp("+xa")
+    sample = SAMPLES / "OBXXXX1A_2frame.dcm"
+    instances, _ = collect_instances([sample])
+    outcome = store_instances(endpoint(scp), instances).outcomes[0]
+    assert outcome.stored
+    received = dcmread(scp.received()[0], stop_before_pixels=True)
+    assert received.SOPClassUID == "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    source = received.SourceImageSequence[-1]
+    assert source.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
+    assert source.ReferencedSOPInstanceUID == outcome.sop_instance_uid
+    assert "multi-frame class" in received.DerivationDescription
+
+
+def test_jpeg_extended_relabelled_when_baseline_wanted():
+    from fake_peers import storage_peer
+    from pydicom.uid import JPEGExtended12Bit
+
+    received = []
+    sample = SAMPLES / "JPEGExtended_3s_1f_u_08_08.dcm"
+    with storage_peer(transfer_syntaxes=[JPEGBaseline8Bit, JPEGExtended12Bit], received=received) as port:
+        instances, _ = collect_instances([sample])
+        preparation = Preparation(image_compression=Compression.JPEG_BASELINE)
+        outcome = store_instances(Endpoint("127.0.0.1", port, "PB", "FAKEPACS"), instances, preparation=preparation)
+    assert outcome.outcomes[0].conversion == "relabelled"
+    assert received[0].file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert received[0].PixelData == dcmread(sample).PixelData

@@ -964,6 +964,16 @@ def add_command(
             _exit_if_errors(exc.problems, labels)
             raise
         advisories = _advisory_warnings(to_settings(record), certificate_given=bool(scp_cert), security_changed=True)
+        if timezone is None and record.kind == ConnectionKind.PACS:
+            advisories.append(
+                Problem.warning(
+                    "timezone",
+                    record.timezone,
+                    "was not given, so dates and times whose instant is known are converted to UTC before sending",
+                    "Give the PACS's own zone with pacsbridge connections edit NAME --timezone ZONE, "
+                    "such as Europe/Berlin.",
+                )
+            )
         _print_problems(report.warnings + advisories, labels)
         typer.echo(f"Added connection {_summary(record)}.")
         _issue_client_certificate_if_needed(session, record)

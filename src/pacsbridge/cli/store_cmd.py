@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydicom.uid import UID
 
 from pacsbridge.cli.app import app
 from pacsbridge.cli.common import (
@@ -108,7 +109,9 @@ def preparation_from_options(
     charset: str | None,
 ) -> Preparation:
     """Check the preparation options and return them as a `Preparation`; exit 2 naming each bad value."""
-    problems: list[Problem] = check_jpeg_quality(jpeg_quality)
+    problems: list[Problem] = check_jpeg_quality(
+        jpeg_quality, used=Compression.JPEG_BASELINE in (image_compression, loop_compression)
+    )
     if timezone is not None:
         problems += check_timezone(timezone)
     if charset is not None:
@@ -134,7 +137,9 @@ def preparation_from_options(
 
 def format_outcome(outcome: StoreOutcome) -> str:
     status = "----" if outcome.status is None else f"0x{outcome.status:04X}"
-    how = f", {outcome.conversion}" if outcome.conversion and outcome.conversion != "as-is" else ""
+    how = ""
+    if outcome.conversion and outcome.conversion != "as-is" and outcome.sent_transfer_syntax:
+        how = f", {outcome.conversion} as {UID(outcome.sent_transfer_syntax).name}"
     line = f"{outcome.category.value.upper():<8} {status}  {outcome.path}  {outcome.sop_instance_uid}  {outcome.meaning}{how}"
     for note in outcome.notes:
         line += f"\n         Note: {note}"

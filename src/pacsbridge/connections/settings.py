@@ -190,8 +190,12 @@ def check_timeout(field_name: str, value: object) -> list[Problem]:
     return []
 
 
-def check_jpeg_quality(value: object) -> list[Problem]:
-    """Check the JPEG Baseline quality: a whole number from 1 to 100, warned below LOW_JPEG_QUALITY."""
+def check_jpeg_quality(value: object, *, used: bool = True) -> list[Problem]:
+    """Check the JPEG Baseline quality: a whole number from 1 to 100.
+
+    A quality below LOW_JPEG_QUALITY is warned about only when it is `used`, that is
+    when images or loops are compressed as JPEG Baseline.
+    """
     fix = f"Use a whole number from 1 to 100; the default is {DEFAULT_JPEG_QUALITY}."
     if isinstance(value, bool):
         return [Problem.error("jpeg_quality", value, "is not a whole number", fix)]
@@ -203,7 +207,7 @@ def check_jpeg_quality(value: object) -> list[Problem]:
         return [Problem.error("jpeg_quality", value, "is not a whole number", fix)]
     if not 1 <= quality <= 100:
         return [Problem.error("jpeg_quality", value, "is outside 1 to 100", fix)]
-    if quality < LOW_JPEG_QUALITY:
+    if used and quality < LOW_JPEG_QUALITY:
         return [
             Problem.warning(
                 "jpeg_quality",
@@ -323,7 +327,10 @@ def validate_settings(settings: ConnectionSettings) -> ValidationReport:
     problems += _check_enum("scu_authentication", settings.scu_authentication, ScuAuthentication)
     problems += _check_enum("image_compression", settings.image_compression, Compression)
     problems += _check_enum("loop_compression", settings.loop_compression, Compression)
-    problems += check_jpeg_quality(settings.jpeg_quality)
+    baseline = Compression.JPEG_BASELINE.value
+    problems += check_jpeg_quality(
+        settings.jpeg_quality, used=baseline in (str(settings.image_compression), str(settings.loop_compression))
+    )
     problems += _check_enum("monochrome", settings.monochrome, MonochromeMode)
     for name in ("acse_timeout", "dimse_timeout", "connection_timeout"):
         problems += check_timeout(name, getattr(settings, name))

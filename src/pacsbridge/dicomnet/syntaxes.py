@@ -1,14 +1,11 @@
-"""Transfer syntaxes to propose for an instance, and conversions when the SCP refuses one."""
+"""Transfer syntaxes to propose beside an instance's own, and whether a JPEG codestream fits a default syntax."""
 
 from __future__ import annotations
-
-import logging
 
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import (
     UID,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -16,10 +13,6 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
 )
-
-LOGGER = logging.getLogger(__name__)
-
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 # PS3.5 section 10 and Annex A.4.1: an SCU that proposes a JPEG process other
 # than the default one also proposes the default, because every SCP that
@@ -81,35 +74,3 @@ def codestream_fits(ds: Dataset, target: UID) -> bool:
             if 0xC3 not in kinds or predictor != 1:
                 return False
     return True
-
-
-def relabel(ds: Dataset, target: UID) -> Dataset:
-    ds.file_meta.TransferSyntaxUID = target
-    return ds
-
-
-def decode_to_native(ds: Dataset) -> Dataset:
-    """Decode compressed or big endian pixel data in place; return `ds` as Explicit VR Little Endian.
-
-    Pixel values are kept: YBR colour from JPEG is converted to RGB, as the
-    uncompressed syntaxes expect, and the Photometric Interpretation follows.
-    Raises `ValueError` naming the transfer syntax when no decoder can read it.
-    """
-    own = ds.file_meta.TransferSyntaxUID
-    if own.is_compressed:
-        try:
-            # A change of transfer syntax keeps the SOP instance (PS3.5 section 10),
-            # so pydicom must not give the decoded data set a new random UID.
-            ds.decompress(generate_instance_uid=False)
-        except (NotImplementedError, RuntimeError, ValueError) as exc:
-            # pydicom lists every decoder's error on its own line; the first
-            # line is enough for the admin, the rest goes to the debug log.
-            LOGGER.debug("decoding %s failed: %s", own, exc)
-            reason = str(exc).strip().splitlines()[0].rstrip(":")
-            raise ValueError(f"no installed decoder can read its {own.name} pixel data ({reason})") from exc
-        return ds
-    if own == ExplicitVRBigEndian and "PixelData" in ds:
-        pixels = ds.pixel_array
-        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds

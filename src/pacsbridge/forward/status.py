@@ -108,6 +108,8 @@ class DeliveryView:
     last_error: str | None
     reason: str | None
     attempt_log: list[AttemptView] = field(default_factory=list)
+    # The detail of the last try of a stored delivery: its status and how the instance was prepared.
+    stored_detail: str | None = None
     # Set while the destination is marked down: workers claim none of its deliveries until a probe succeeds.
     destination_down: DestinationDown | None = None
 
@@ -119,7 +121,12 @@ class DeliveryView:
     def detail_at(self, now: dt.datetime) -> str:
         """Return `detail` as it reads at `now`, which decides whether a next try or probe time has passed."""
         if self.state == DeliveryState.STORED:
-            return self.warning_text or f"status {_hex(self.status_code)}"
+            stored = self.warning_text or f"status {_hex(self.status_code)}"
+            # The last try's detail ends with how the instance was prepared, in brackets, when it was changed.
+            last = self.stored_detail
+            if last and last.endswith(")") and " (" in last:
+                return f"{stored} {last[last.index(' ('):].strip()}"
+            return stored
         if self.state in (DeliveryState.QUEUED, DeliveryState.RETRYING) and self.destination_down is not None:
             waiting = (
                 "waiting for the destination to come back "
@@ -267,6 +274,9 @@ def list_studies(
         conflicts_query = conflicts_query.where(Study.study_instance_uid == study_uid)
     rows = session.execute(query).all()
     attempts = _attempt_views(session, [row.Delivery.id for row in rows]) if with_attempts else {}
+    stored_details = _last_details(
+        session, [row.Delivery.id for row in rows if row.Delivery.state == DeliveryState.STORED]
+    )
     down = find_down(session, {row.Delivery.connection_id for row in rows})
 
     studies: dict[int, StudyView] = {}
@@ -290,6 +300,7 @@ def list_studies(
                 last_error=delivery.last_error,
                 reason=delivery.reason,
                 attempt_log=attempts.get(delivery.id, []),
+                stored_detail=stored_details.get(delivery.id),
                 destination_down=destination_down,
             )
         )
@@ -337,6 +348,21 @@ def _check_filters(session: Session, archive: str | None, study_uid: str | None,
     else:
         hint = 'No archives exist yet: create one with "pacsbridge archives create NAME".'
     raise StudyNotFoundError(f"study {study_uid!r} not found {where}. {hint}")
+
+
+def _last_details(session: Session, delivery_ids: list[int]) -> dict[int, str | None]:
+    """Return the detail of each delivery's last try."""
+    if not delivery_ids:
+        return {}
+    last_tries = (
+        select(func.max(DeliveryAttempt.id))
+        .where(DeliveryAttempt.delivery_id.in_(delivery_ids))
+        .group_by(DeliveryAttempt.delivery_id)
+    )
+    rows = session.execute(
+        select(DeliveryAttempt.delivery_id, DeliveryAttempt.detail).where(DeliveryAttempt.id.in_(last_tries))
+    )
+    return {delivery_id: detail for delivery_id, detail in rows}
 
 
 def _attempt_views(session: Session, delivery_ids: list[int]) -> dict[int, list[AttemptView]]:

@@ -194,7 +194,7 @@ def _parse_target(term: str) -> _Target:
     problems = check_character_set("charset", term)
     if problems:
         raise PreparationError(
-            f"Specific Character Set {term!r} of the connection is not a defined term",
+            f"Specific Character Set '{term}' of the connection is not a defined term",
             "Set the connection's --charset to a defined term, for example ISO_IR 100 or ISO_IR 192.",
         )
     values = [value.strip() for value in term.split("\\")]
@@ -371,7 +371,7 @@ def _decode_all(dataset: Dataset, report: CharsetReport) -> list[tuple[DataEleme
             if ESC in value or "\ufffd" in value:
                 raise PreparationError(
                     f"{_element_name(element, location)} cannot be decoded with the source's "
-                    f"Specific Character Set {report.source!r}",
+                    f"Specific Character Set '{report.source}'",
                     "Correct the value or the Specific Character Set (0008,0005) at the source.",
                 )
             if not report.source and not value.isascii():
@@ -493,6 +493,6 @@ def _store_bytes(element: DataElement, encoded_values: list[bytes], target: _Tar
 def _error_for(element: DataElement, location: str, term: str, character: str) -> PreparationError:
     return PreparationError(
         f"{_element_name(element, location)} contains U+{ord(character):04X}, "
-        f"which Specific Character Set {term!r} cannot hold",
+        f"which Specific Character Set '{term}' cannot hold",
         f"Set the connection's character set to one that holds it, for example {_suggest_character_set(character)}.",
     )

@@ -46,6 +46,14 @@ LOGGER = logging.getLogger(__name__)
 # The targets the writer encodes; anything else accepted is reached through one of these.
 WRITER_TARGETS = frozenset({ExplicitVRLittleEndian, UID("1.2.840.10008.1.2.4.70"), JPEGBaseline8Bit})
 
+# Derivation Description text of each step that makes a derived instance.
+STEP_DESCRIPTIONS = {
+    "monochrome": "grey colour image stored as MONOCHROME2",
+    "multi-frame-class": "several frames moved from a single-frame SOP class to its multi-frame class",
+    "frames-dropped": "incomplete frames left out",
+    "uid-too-long": "UIDs over 64 characters replaced",
+}
+
 # CID 7202 codes for Purpose of Reference of a Source Image Sequence item.
 UNCOMPRESSED_PREDECESSOR = ("121320", "DCM", "Uncompressed predecessor")
 SOURCE_FOR_PROCESSING = ("121322", "DCM", "Source image for image processing operation")
@@ -114,8 +122,8 @@ def _choose(plan: InstancePlan, accepted: list[str]) -> tuple[UID, list[str]]:
     notes = []
     if plan.candidates.note:
         notes.append(plan.candidates.note)
-    wanted = plan.candidates.wanted
-    if wanted is not None and chosen != wanted:
+    wanted = plan.candidates.wanted or offered[0]
+    if chosen != wanted:
         notes.append(f"{wanted.name} not accepted by the SCP: sent as {chosen.name}")
     return chosen, notes
 
@@ -132,13 +140,19 @@ def _writable(plan: InstancePlan, accepted: list[str]) -> UID:
     )
 
 
-def _rewrite_references(dataset: Dataset, uid_map: dict[str, str]) -> int:
-    """Replace every UI value found in `uid_map`, in sequences too; return how many were replaced."""
+# An instance's own identity is not a reference: a second copy of an instance in one send must keep it.
+OWN_UID_TAGS = frozenset({0x00080018, 0x00020003})
+
+
+def _rewrite_references(dataset: Dataset, uid_map: dict[str, str], *, top_level: bool = True) -> int:
+    """Replace every referenced UI value found in `uid_map`, in sequences too; return how many were replaced."""
     replaced = 0
     for element in dataset:
+        if top_level and element.tag in OWN_UID_TAGS:
+            continue
         if element.VR == "SQ":
             for item in element.value or DicomSequence():
-                replaced += _rewrite_references(item, uid_map)
+                replaced += _rewrite_references(item, uid_map, top_level=False)
         elif element.VR == "UI" and element.value:
             values = list(element.value) if element.VM > 1 else [element.value]
             new = [uid_map.get(str(value), str(value)) for value in values]
@@ -159,6 +173,8 @@ def mark_derived(
     new_uid: str,
     purpose: tuple[str, str, str],
     description: str,
+    *,
+    source_class_uid: str | None = None,
 ) -> None:
     """Make `header` a derived instance with SOP Instance UID `new_uid`, referencing its source.
 
@@ -167,7 +183,8 @@ def mark_derived(
     appended to Derivation Description.
     """
     source = Dataset()
-    source.ReferencedSOPClassUID = header.SOPClassUID
+    # A repair may already have moved the header to another SOP class; the source keeps its own.
+    source.ReferencedSOPClassUID = source_class_uid or header.SOPClassUID
     source.ReferencedSOPInstanceUID = header.SOPInstanceUID
     source.PurposeOfReferenceCodeSequence = [_code_item(purpose)]
     sequence = list(header.get("SourceImageSequence", []))
@@ -290,8 +307,10 @@ def _prepare(
     target = chosen if chosen in WRITER_TARGETS else ExplicitVRLittleEndian
     if keep:
         conversion = "as-is" if chosen == own else "relabelled"
+    elif target != ExplicitVRLittleEndian:
+        conversion = "transcoded"
     else:
-        conversion = "transcoded" if target != ExplicitVRLittleEndian else "decoded"
+        conversion = "decoded" if own.is_compressed else "rewritten"
     lossy_step = not keep and target == JPEGBaseline8Bit
 
     uid_map.update(plan.repair.uid_map)
@@ -312,10 +331,10 @@ def _prepare(
             description = f"Lossy compressed by pacsbridge: JPEG Baseline, quality {preparation.jpeg_quality}"
         else:
             purpose = SOURCE_FOR_PROCESSING
-            description = "Prepared by pacsbridge: " + ", ".join(steps)
-        if monochrome:
+            description = "Prepared by pacsbridge: " + ", ".join(STEP_DESCRIPTIONS.get(step, step) for step in steps)
+        if monochrome and lossy_step:
             description += "; grey colour image stored as MONOCHROME2"
-        mark_derived(header, new_uid, purpose, description)
+        mark_derived(header, new_uid, purpose, description, source_class_uid=plan.instance.sop_class_uid)
         if monochrome and ("UltrasoundColorDataPresent" in header or header.get("Modality") == "US"):
             header.UltrasoundColorDataPresent = 0
         uid_map[source_uid] = new_uid
@@ -325,10 +344,15 @@ def _prepare(
     if preparation.timezone:
         report = timezone.convert_timezone(header, preparation.timezone)
         changed |= report.changed
+        if report.changed:
+            notes.append(f"times converted to {preparation.timezone} ({report.new_offset})")
         notes += report.flags
     if preparation.character_set:
         text_report = charset.encode_text(header, preparation.character_set)
         changed |= text_report.changed
+        if text_report.changed:
+            notes.append(f"text re-encoded as {preparation.character_set}")
+        notes += text_report.flags
 
     sop_class = str(header.SOPClassUID)
     sop_instance = str(header.SOPInstanceUID)

@@ -161,6 +161,9 @@ def candidates(header: Dataset, own: UID, has_pixels: bool, preparation: Prepara
         return Candidates(_with_uncompressed([ExplicitVRLittleEndian], own), ExplicitVRLittleEndian)
     if is_lossy(header, own):
         keep = [] if own in NATIVE_SYNTAXES else syntaxes_to_propose(own)[:2]
+        if compression == Compression.JPEG_BASELINE and JPEGBaseline8Bit in keep:
+            # JPEG Extended frames that use only the baseline process are relabelled, never re-encoded.
+            keep = [JPEGBaseline8Bit, own]
         return Candidates(
             _with_uncompressed(keep),
             None,
