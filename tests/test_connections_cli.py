@@ -487,3 +487,13 @@ def test_add_without_timezone_warns_about_utc(tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning: timezone 'UTC': was not given" in result.output
     assert "--timezone ZONE" in result.output
+
+
+def test_unsecured_worklist_warning_names_patient_data(data_dir: Path) -> None:
+    result = run(
+        data_dir, "add", "Ward MWL", "--kind", "mwl", "--host", "127.0.0.1", "--port", "11112",
+        "--calling-aet", "POCUS", "--called-aet", "MWL",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "queries and their answers, with patient names and IDs, cross the network unencrypted" in result.output
+    assert "forwarded" not in result.output

@@ -197,3 +197,14 @@ def test_stored_identifier_ascii_has_no_charset():
     identifier = build_identifier(build_stored_query(settings, _parse({}), patient_id="PB-1*"))
 
     assert "SpecificCharacterSet" not in identifier
+
+
+def test_unknown_modality_code_is_a_warning():
+    from pacsbridge.connections.problems import Severity
+    from pacsbridge.dicomnet.worklist_filters import check_worklist_filters, parse_worklist_filters
+
+    problems = check_worklist_filters({"modality": "ULTRASOUND"}, "POCUS", "ISO_IR 100")
+    assert [problem.severity for problem in problems] == [Severity.WARNING]
+    assert "not a defined term of Modality (0008,0060)" in problems[0].reason
+    assert parse_worklist_filters({"modality": "ULTRASOUND"}, "POCUS", "ISO_IR 100").modality == "ULTRASOUND"
+    assert check_worklist_filters({"modality": "us"}, "POCUS", "ISO_IR 100") == []

@@ -845,7 +845,17 @@ def _advisory_warnings(
                 "certificate and upload it with --scp-cert.",
             )
         )
-    if security_changed and settings.tls_mode == TlsMode.INACTIVE and not settings.test_only:
+    if security_changed and settings.tls_mode == TlsMode.INACTIVE and settings.kind == ConnectionKind.MWL:
+        problems.append(
+            Problem.warning(
+                "tls_mode",
+                TlsMode.INACTIVE.value,
+                "makes the worklist connection unsecured, so queries and their answers, with patient names and "
+                "IDs, cross the network unencrypted",
+                "Choose --tls active or --tls encryption-only unless the worklist server is on a network you trust.",
+            )
+        )
+    elif security_changed and settings.tls_mode == TlsMode.INACTIVE and not settings.test_only:
         problems.append(
             Problem.warning(
                 "tls_mode",

@@ -46,6 +46,17 @@ MAX_WINDOW_DAYS = 31
 _SH_MAX_LENGTH = 16
 _MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")
 _ANY_MODALITY = ("", "*")
+# Defined terms of Modality (0008,0060), PS3.3 C.7.3.1.1.1, current and retired ones that
+# worklist servers still use. A code outside them is valid but usually matches nothing.
+KNOWN_MODALITIES = frozenset(
+    """
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL
+    IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX
+    REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN
+    TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    CD CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+    """.split()
+)
 
 FILTER_KEYS = (
     "modality",
@@ -173,7 +184,7 @@ def _parse(
     location = _parse_short_string(
         "scheduled_procedure_step_location", filters.get("scheduled_procedure_step_location"), problems
     )
-    if problems:
+    if any(problem.severity == Severity.ERROR for problem in problems):
         return problems, None
 
     parsed = WorklistFilters(
@@ -185,7 +196,8 @@ def _parse(
         scheduled_procedure_step_location=location,
     )
     problems += _check_encodable(parsed, character_set)
-    return problems, parsed if not problems else None
+    errors = [problem for problem in problems if problem.severity == Severity.ERROR]
+    return problems, parsed if not errors else None
 
 
 def _parse_modality(value: object, problems: list[Problem]) -> str | None:
@@ -208,6 +220,15 @@ def _parse_modality(value: object, problems: list[Problem]) -> str | None:
             )
         )
         return None
+    if text not in KNOWN_MODALITIES:
+        problems.append(
+            Problem.warning(
+                f"{FIELD}.modality",
+                value,
+                "is not a defined term of Modality (0008,0060), so most worklist servers match no items with it",
+                'Use "US" for ultrasound, or another code from the standard, such as "CT" or "MR".',
+            )
+        )
     return text
 
 
