@@ -118,7 +118,8 @@ def test_cli_empty_result_message(wlmscpfs_port):
     result = run_worklist(wlmscpfs_port, "--patient-name", "Nobody*")
 
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == "No worklist items match the query."
+    # The message repeats the keys sent, so an admin sees why nothing matched.
+    assert result.stdout.strip() == "No worklist items match the query (modality US, patient name or ID pattern)."
 
 
 @pytest.mark.dcmtk

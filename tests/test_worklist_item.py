@@ -79,8 +79,10 @@ def test_select_truncated_hint():
 def test_select_ambiguous():
     other = _item("ACC2", step_id="ACC1")
 
-    with pytest.raises(WorklistItemError, match="2 worklist items carry the ID 'ACC1'"):
+    with pytest.raises(WorklistItemError, match="2 worklist items carry the ID 'ACC1'") as raised:
         select_worklist_item(_result(_item("ACC1"), other), WorklistQuery(), "ACC1")
+    # Each match is named by its identifiers, so the admin can pick one by its step ID.
+    assert "accession number 'ACC2', step ID 'ACC1'" in str(raised.value)
 
 
 @pytest.fixture

@@ -469,7 +469,8 @@ def _print_table(result: WorklistResult, max_items: int) -> None:
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     if not result.items:
-        typer.echo("No worklist items match the query.")
+        keys = _matching_keys(result.identifier)
+        typer.echo(f"No worklist items match the query ({keys})." if keys else "No worklist items match the query.")
         return
     rows = [_COLUMNS] + [_row(item) for item in result.items]
     widths = [max(_display_width(row[column]) for row in rows) for column in range(len(_COLUMNS))]
@@ -482,6 +483,27 @@ def _print_table(result: WorklistResult, max_items: int) -> None:
             f"Showing the first {max_items} items; more matched. Narrow the query or raise --max-items.",
             err=True,
         )
+
+
+# Matching keys of the scheduled step that narrow a query, with the words an admin knows them by.
+_STEP_KEYS = (
+    ("Modality", "modality"),
+    ("ScheduledProcedureStepStartDate", "scheduled date"),
+    ("ScheduledStationAETitle", "station AE title"),
+    ("ScheduledStationName", "station name"),
+    ("ScheduledProcedureStepLocation", "location"),
+)
+
+
+def _matching_keys(identifier: Dataset | None) -> str:
+    """List the non-empty scheduled-step keys of the identifier sent, so an empty answer can be understood."""
+    if identifier is None or not identifier.get("ScheduledProcedureStepSequence"):
+        return ""
+    step = identifier.ScheduledProcedureStepSequence[0]
+    parts = [f"{label} {step.get(keyword)}" for keyword, label in _STEP_KEYS if step.get(keyword)]
+    if identifier.get("PatientName") or identifier.get("PatientID"):
+        parts.append("patient name or ID pattern")
+    return ", ".join(parts)
 
 
 def _row(item: WorklistItem) -> tuple[str, ...]:

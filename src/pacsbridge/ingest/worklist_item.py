@@ -105,9 +105,9 @@ def select_worklist_item(result: WorklistResult, query: WorklistQuery, item_id: 
             f"{len(result.items)} items that the connection's worklist filters match.{hint} Nothing was stored."
         )
     if len(matches) > 1:
-        accessions = ", ".join(repr(item.accession_number or "") for item in matches)
+        described = "; ".join(_describe_match(item) for item in matches)
         raise WorklistItemError(
-            f"{len(matches)} worklist items carry the ID {item_id!r} (accession numbers {accessions}): "
+            f"{len(matches)} worklist items carry the ID {item_id!r} ({described}): "
             "give an ID that names one item, such as its scheduled procedure step ID. Nothing was stored."
         )
     item = matches[0]
@@ -194,6 +194,18 @@ def write_with_worklist_item(source: Path, target: Path, pick: WorklistPick) -> 
         ds.save_as(target, enforce_file_format=True)
     except (ValueError, TypeError, UnicodeError) as exc:
         raise WorklistItemError(f"cannot be written with the worklist item's attributes ({exc})") from None
+
+
+def _describe_match(item: WorklistItem) -> str:
+    """Name one worklist item by its identifiers and scheduled time, never by patient data."""
+    step = item.first_step
+    parts = [f"accession number {item.accession_number or '(none)'!r}"]
+    if step is not None:
+        parts.append(f"step ID {step.step_id or '(none)'!r}")
+        when = " ".join(value for value in (step.start_date, step.start_time) if value)
+        if when:
+            parts.append(f"scheduled {when}")
+    return ", ".join(parts)
 
 
 def _item_texts(pick: WorklistPick) -> list[str]:
