@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,6 @@ from pacsbridge.dicomnet.failures import (
     decode_rejection,
     decode_socket_error,
 )
-
 from pacsbridge.tls.context import (
     TlsConfigurationError,
     TlsMode,
@@ -342,6 +342,7 @@ def open_association(endpoint: Endpoint, contexts: Sequence[PresentationContext]
         if sock is not None:
             sock.settimeout(max(endpoint.dimse_timeout, endpoint.acse_timeout))
         _check_peer(assoc, endpoint)
+        _bound_send_queue(assoc)
         LOGGER.info(
             "association established with %s (%d contexts accepted, %s)",
             endpoint.address,
@@ -352,6 +353,25 @@ def open_association(endpoint: Endpoint, contexts: Sequence[PresentationContext]
     failure = _diagnose(assoc, watcher, endpoint)
     LOGGER.warning("association with %s failed: %s", endpoint.address, failure.summary)
     raise DicomNetworkError(failure)
+
+
+# P-DATA PDUs that may wait to be written to the socket. pynetdicom 3.0.4 queues
+# every PDU of a data set at once, so a 1 GB loop streamed from its file would
+# otherwise sit in memory until the peer has read it.
+MAX_QUEUED_PDUS = 64
+
+
+def _bound_send_queue(assoc: Association) -> None:
+    """Make the DICOM upper layer of `assoc` wait while MAX_QUEUED_PDUS PDUs are still unsent."""
+    dul = assoc.dul
+    queue_send = dul.send_pdu
+
+    def send_pdu(primitive: object) -> None:
+        while dul.to_provider_queue.qsize() >= MAX_QUEUED_PDUS and dul.is_alive() and not assoc.is_aborted:
+            time.sleep(0.001)
+        queue_send(primitive)
+
+    dul.send_pdu = send_pdu  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

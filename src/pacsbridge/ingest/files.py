@@ -7,10 +7,13 @@ and what is wrong, and it never stops the good files beside it.
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -19,6 +22,7 @@ from pydicom.multival import MultiValue
 from pacsbridge.dicomnet.instances import InstanceFile
 
 LOGGER = logging.getLogger(__name__)
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,57 @@ def _native_pixel_length(ds) -> int | None:
     return (pixels * samples * bits + 7) // 8
 
 
+@dataclass(frozen=True)
+class _PixelDataLayout:
+    """Where the Pixel Data element's value lies, read from its element header without loading it."""
+
+    encapsulated: bool
+    # Bytes of a native value present in the file (at most its declared length).
+    available: int
+    # True when an encapsulated value ends before its Sequence Delimitation Item.
+    truncated: bool
+
+
+def _pixel_data_layout(stream: BinaryIO, ds: Dataset) -> _PixelDataLayout | None:
+    """Read the Pixel Data element header at the stream position that `dcmread(stop_before_pixels=True)` left.
+
+    Returns None when the data set has no Pixel Data. Encapsulated values are
+    walked item header by item header, seeking over each fragment.
+    """
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax is None:
+        return None
+    order = "<" if syntax.is_little_endian else ">"
+    start = stream.tell()
+    header = stream.read(12)
+    if len(header) < 8 or struct.unpack(f"{order}HH", header[:4]) != (0x7FE0, 0x0010):
+        return None
+    if syntax.is_implicit_VR:
+        (length,) = struct.unpack(f"{order}I", header[4:8])
+        value_offset = start + 8
+    elif header[4:6] in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV"):
+        (length,) = struct.unpack(f"{order}I", header[8:12])
+        value_offset = start + 12
+    else:
+        (length,) = struct.unpack(f"{order}H", header[6:8])
+        value_offset = start + 8
+    size = os.fstat(stream.fileno()).st_size
+    if length != UNDEFINED_LENGTH:
+        return _PixelDataLayout(encapsulated=False, available=max(0, min(length, size - value_offset)), truncated=False)
+
+    stream.seek(value_offset)
+    while True:
+        item = stream.read(8)
+        if len(item) < 8:
+            return _PixelDataLayout(encapsulated=True, available=0, truncated=True)
+        group, element, item_length = struct.unpack(f"{order}HHI", item)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return _PixelDataLayout(encapsulated=True, available=0, truncated=False)
+        if (group, element) != (0xFFFE, 0xE000) or stream.tell() + item_length > size:
+            return _PixelDataLayout(encapsulated=True, available=0, truncated=True)
+        stream.seek(item_length, os.SEEK_CUR)
+
+
 def _value_text(value: object) -> str:
     """Show an element value in a message: "32768 and 0" for several values, "empty" for none."""
     if isinstance(value, MultiValue | list | tuple):
@@ -85,13 +140,18 @@ def _check_elements(ds: Dataset) -> None:
 
 
 def inspect_file(path: Path) -> InstanceFile:
-    """Read `path` fully and return its identity, or raise `UnreadableFileError` with the reason."""
+    """Read the header of `path`, check the layout of its pixel data, and return its identity.
+
+    Raises `UnreadableFileError` with the reason. Pixel data is never loaded, so a
+    1 GB loop costs no more memory than a still image.
+    """
     if not path.exists():
         raise UnreadableFileError("file not found")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, path.open("rb") as stream:
             warnings.simplefilter("always")
-            ds = dcmread(path)
+            ds = dcmread(stream, stop_before_pixels=True)
+            pixels = _pixel_data_layout(stream, ds)
     except InvalidDicomError:
         raise UnreadableFileError(
             "not a DICOM Part-10 file (no 'DICM' prefix and File Meta Information); "
@@ -103,7 +163,7 @@ def inspect_file(path: Path) -> InstanceFile:
         ) from None
 
     truncation = [str(w.message) for w in caught if "End of file" in str(w.message)]
-    if truncation or len(ds) == 0:
+    if truncation or len(ds) == 0 or (pixels is not None and pixels.encapsulated and pixels.truncated):
         raise UnreadableFileError(
             "the file is truncated: it ends before its last data element; export it again from its source"
         )
@@ -120,9 +180,9 @@ def inspect_file(path: Path) -> InstanceFile:
         )
     _check_elements(ds)
 
-    if "PixelData" in ds and not syntax.is_compressed:
+    if pixels is not None and not pixels.encapsulated:
         expected = _native_pixel_length(ds)
-        actual = len(ds.PixelData)
+        actual = pixels.available
         if expected is None:
             values = "; ".join(
                 f"{keyword} {_value_text(ds.get(keyword))}"
