@@ -497,3 +497,13 @@ def test_unsecured_worklist_warning_names_patient_data(data_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "queries and their answers, with patient names and IDs, cross the network unencrypted" in result.output
     assert "forwarded" not in result.output
+
+
+def test_edit_quality_notes_new_derived_uids(data_dir: Path) -> None:
+    assert add(data_dir, "PACS", "--image-compression", "jpeg-baseline").exit_code == 0
+
+    result = run(data_dir, "edit", "PACS", "--jpeg-quality", "95")
+
+    assert result.exit_code == 0, result.output
+    assert "note: --jpeg-quality changed." in result.stderr
+    assert "the PACS holds both" in result.stderr

@@ -428,3 +428,44 @@ def test_jpeg_extended_relabelled_when_baseline_wanted():
     assert outcome.outcomes[0].conversion == "relabelled"
     assert received[0].file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert received[0].PixelData == dcmread(sample).PixelData
+
+
+@pytest.mark.dcmtk
+def test_jpeg_loop_missing_frames_sent_as_received(start_storescp, tmp_path):
+    """Complete frames of a lossy loop keep their codestreams: no second lossy step is needed."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    source = dcmread(SAMPLES / "orthanc-Issue16.dcm")
+    declared = int(source.NumberOfFrames)
+    frames = list(generate_frames(source.PixelData, number_of_frames=declared))
+    source.PixelData = encapsulate(frames[: declared - 4], has_bot=False)
+    short = tmp_path / "short.dcm"
+    source.save_as(short)
+
+    scp = start_storescp("+xa")
+    instances, rejected = collect_instances([short])
+    assert not rejected
+    outcome = store_instances(endpoint(scp), instances).outcomes[0]
+    assert outcome.stored, outcome.meaning
+    assert outcome.sent_transfer_syntax == source.file_meta.TransferSyntaxUID
+    received = dcmread(scp.received()[0])
+    assert int(received.NumberOfFrames) == declared - 4
+    sent = list(generate_frames(received.PixelData, number_of_frames=declared - 4))
+    assert [frame.rstrip(b"\x00") for frame in sent] == [frame.rstrip(b"\x00") for frame in frames[: declared - 4]]
+    assert received.SOPInstanceUID != source.SOPInstanceUID  # frames were dropped: a derived instance
+
+
+def test_over_long_uid_replaced_once(tmp_path):
+    from pacsbridge.prepare.pipeline import plan_instance, prepare_instance
+    from pacsbridge.prepare.repair import replacement_uid
+
+    ds = dcmread(SAMPLES / "US1_UNCR.dcm")
+    long_uid = "1.2.3." + "4" * 70
+    ds.SOPInstanceUID = long_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = long_uid
+    path = tmp_path / "long.dcm"
+    ds.save_as(path)
+    instances, _ = collect_instances([path])
+    plan = plan_instance(instances[0], Preparation())
+    prepared = prepare_instance(plan, Preparation(), [str(s) for s in plan.candidates.syntaxes], tmp_path, {})
+    assert prepared.sop_instance_uid == replacement_uid(long_uid)

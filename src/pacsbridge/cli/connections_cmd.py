@@ -1080,9 +1080,29 @@ def edit_command(
         typer.echo(f"Updated connection {_summary(record)}.")
         for note in _kept_security_notes(before, to_settings(record), changes):
             typer.echo(f"note: {note}", err=True)
+        derivation_note = _derivation_change_note(before, to_settings(record))
+        if derivation_note:
+            typer.echo(f"note: {derivation_note}", err=True)
         _issue_client_certificate_if_needed(session, record)
         for line in _delivery_next_steps(session, record):
             typer.echo(line)
+
+
+# Settings whose change gives lossy or monochrome instances other derived SOP Instance UIDs.
+_DERIVATION_FIELDS = ("image_compression", "loop_compression", "jpeg_quality", "monochrome")
+
+
+def _derivation_change_note(before: ConnectionSettings, after: ConnectionSettings) -> str | None:
+    """Warn that instances already sent keep their old derived UIDs, so a resend adds copies beside them."""
+    changed = [field for field in _DERIVATION_FIELDS if str(getattr(before, field)) != str(getattr(after, field))]
+    if not changed:
+        return None
+    options = ", ".join(OPTION_NAMES[field] for field in changed)
+    return (
+        f"{options} changed. Instances already sent lossy compressed or as monochrome keep their derived SOP "
+        "Instance UIDs; a resend after this change makes new derived instances, so the PACS holds both. "
+        "Delete the earlier ones on the PACS before 'pacsbridge studies resend'."
+    )
 
 
 def _delivery_next_steps(session: Session, record: ConnectionRecord) -> list[str]:

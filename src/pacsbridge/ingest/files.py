@@ -66,7 +66,7 @@ def _native_pixel_length(ds) -> int | None:
 
 @dataclass(frozen=True)
 class _PixelDataLayout:
-    """Where the Pixel Data element's value lies, read from its element header without loading it."""
+    """The location and size of the Pixel Data value, read from its element header without loading it."""
 
     encapsulated: bool
     # Bytes of a native value present in the file (at most its declared length).

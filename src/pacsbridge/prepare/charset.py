@@ -494,5 +494,5 @@ def _error_for(element: DataElement, location: str, term: str, character: str) -
     return PreparationError(
         f"{_element_name(element, location)} contains U+{ord(character):04X}, "
         f"which Specific Character Set '{term}' cannot hold",
-        f"Set the connection's character set to one that holds it, for example {_suggest_character_set(character)}.",
+        f"Set the character set (--charset) to one that holds it, for example {_suggest_character_set(character)}.",
     )

@@ -295,8 +295,9 @@ def _prepare(
 
     own = plan.own_syntax
     keep = not plan.has_pixels or chosen == own or _relabels(plan, chosen)
-    if keep and plan.has_pixels and "frames-dropped" in plan.repair.conversions:
-        # Copying the element would send the partial frame too: the complete frames are re-encoded.
+    if keep and plan.has_pixels and "frames-dropped" in plan.repair.conversions and not own.is_encapsulated:
+        # Copying native data would send the partial frame too: the complete frames are written anew.
+        # Encapsulated data keeps the codestreams of its complete frames, re-itemized by the writer.
         keep = False
     monochrome = forced is None and _wants_monochrome(plan, preparation, transcoding=not keep)
     if monochrome:
@@ -319,7 +320,8 @@ def _prepare(
         notes.append("references to prepared instances rewritten")
 
     steps: list[str] = []
-    steps += plan.repair.conversions
+    # The repair already gave over-long UIDs their replacements, which are the new UIDs.
+    steps += [step for step in plan.repair.conversions if step != "uid-too-long"]
     if lossy_step:
         steps.append(f"jpeg-baseline q{preparation.jpeg_quality}")
     if monochrome:
@@ -339,6 +341,8 @@ def _prepare(
             header.UltrasoundColorDataPresent = 0
         uid_map[source_uid] = new_uid
         changed = True
+        if monochrome:
+            notes.append("grey colour image stored as MONOCHROME2")
         notes.append(f"new SOP Instance UID {new_uid} (derived from {source_uid})")
 
     if preparation.timezone:

@@ -44,6 +44,7 @@ from pacsbridge.prepare.errors import PreparationError
 from pacsbridge.prepare.frames import (
     DecodedFrame,
     PixelSource,
+    _iter_codestreams,
     frame_count,
     iter_decoded_frames,
     open_pixel_source,
@@ -60,6 +61,7 @@ from pacsbridge.prepare.jpeg import (
 )
 from pacsbridge.prepare.writer import (
     RATIO_PLACEHOLDER,
+    CopiedPixelData,
     EncapsulatedPixelDataWriter,
     copy_pixel_data,
     format_ratio,
@@ -238,7 +240,10 @@ def _write_kept(file, source: PixelSource, output: Dataset, syntax: UID) -> Pixe
     _set_file_meta(output, syntax)
     header_bytes = serialize_header(output)
     file.write(header_bytes.before_pixel_data)
-    copied = copy_pixel_data(file, source)
+    if source.is_encapsulated and frame_count(output) < frame_count(source.dataset):
+        copied = _copy_complete_frames(file, source, frame_count(output), syntax)
+    else:
+        copied = copy_pixel_data(file, source)
     file.write(header_bytes.after_pixel_data)
     return PixelReport(
         syntax=syntax,
@@ -255,6 +260,19 @@ def _write_kept(file, source: PixelSource, output: Dataset, syntax: UID) -> Pixe
         padded_items=copied.padded_items,
         seconds=0.0,
     )
+
+
+def _copy_complete_frames(file, source: PixelSource, frames: int, syntax: UID) -> CopiedPixelData:
+    """Copy the codestreams of the first `frames` frames, one item each, when the source lacks later frames.
+
+    The codestreams are copied byte for byte; only the encapsulation (items and
+    Basic Offset Table) is written anew.
+    """
+    writer = EncapsulatedPixelDataWriter(file, frames, syntax)
+    with source.path.open("rb") as stream:
+        for codestream in _iter_codestreams(stream, source, frames):
+            writer.add_frame(codestream)
+    return CopiedPixelData(writer.finish(), writer.padded_items)
 
 
 def _is_lossy(source: PixelSource, header: Dataset) -> bool:
