@@ -455,3 +455,19 @@ def test_endpoint_change_probes_down_destination(data) -> None:
         assert health is not None
         assert health.next_probe_at is not None
         assert health.next_probe_at <= utc_now()
+
+
+def test_sending_detail_names_lease(data) -> None:
+    _, sessions = data
+    now = utc_now()
+    with sessions.begin() as session:
+        live, stale = session.get(Delivery, 1), session.get(Delivery, 2)
+        for row, expires in ((live, now + dt.timedelta(seconds=60)), (stale, now - dt.timedelta(seconds=5))):
+            row.state = S.SENDING
+            row.lease_owner = "host:1:abc"
+            row.lease_expires_at = expires
+    with sessions.begin() as session:
+        views = {view.id: view for study in list_studies(session) for view in study.deliveries}
+    assert views[1].detail.startswith("being sent by worker host:1:abc (lease until ")
+    assert views[2].detail.startswith("worker host:1:abc stopped renewing its lease at ")
+    assert views[2].detail.endswith("the next worker run takes it over")

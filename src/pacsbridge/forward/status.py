@@ -110,6 +110,9 @@ class DeliveryView:
     attempt_log: list[AttemptView] = field(default_factory=list)
     # The detail of the last try of a stored delivery: its status and how the instance was prepared.
     stored_detail: str | None = None
+    # While sending: the worker holding the lease, and when another worker may take the delivery over.
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
     # Set while the destination is marked down: workers claim none of its deliveries until a probe succeeds.
     destination_down: DestinationDown | None = None
 
@@ -125,18 +128,24 @@ class DeliveryView:
             # The last try's detail ends with how the instance was prepared, in brackets, when it was changed.
             last = self.stored_detail
             if last and last.endswith(")") and " (" in last:
-                return f"{stored} {last[last.index(' ('):].strip()}"
+                return f"{stored} {last[last.index(' (') :].strip()}"
             return stored
         if self.state in (DeliveryState.QUEUED, DeliveryState.RETRYING) and self.destination_down is not None:
             waiting = (
-                "waiting for the destination to come back "
-                f"(next probe {self.destination_down.next_probe_text(now)})"
+                f"waiting for the destination to come back (next probe {self.destination_down.next_probe_text(now)})"
             )
             return f"{waiting}; last error: {self.last_error}" if self.last_error else waiting
         if self.state == DeliveryState.RETRYING:
             return f"next try {self._next_try_text(now)}; last error: {self.last_error or 'none recorded'}"
         if self.state in (DeliveryState.NEEDS_ATTENTION, DeliveryState.FAILED, DeliveryState.HELD):
             return self.reason or self.last_error or ""
+        if self.state == DeliveryState.SENDING and self.lease_owner and self.lease_expires_at is not None:
+            if self.lease_expires_at <= now:
+                return (
+                    f"worker {self.lease_owner} stopped renewing its lease at "
+                    f"{self.lease_expires_at.isoformat(timespec='seconds')}: the next worker run takes it over"
+                )
+            return f"being sent by worker {self.lease_owner} (lease until {self.lease_expires_at.isoformat(timespec='seconds')})"
         return ""
 
     def _next_try_text(self, now: dt.datetime) -> str:
@@ -301,6 +310,8 @@ def list_studies(
                 reason=delivery.reason,
                 attempt_log=attempts.get(delivery.id, []),
                 stored_detail=stored_details.get(delivery.id),
+                lease_owner=delivery.lease_owner if delivery.state == DeliveryState.SENDING else None,
+                lease_expires_at=delivery.lease_expires_at if delivery.state == DeliveryState.SENDING else None,
                 destination_down=destination_down,
             )
         )
