@@ -62,7 +62,12 @@ def study(tmp_path_factory) -> dict[str, Path]:
     for path in paths:
         ds = dcmread(path, stop_before_pixels=True)
         frames = int(ds.get("NumberOfFrames", 1))
-        by_kind["loop" if frames > 1 else ("doppler" if ds.UltrasoundColorDataPresent else "b-mode")] = path
+        if frames > 1:
+            by_kind["loop"] = path
+        elif ds.UltrasoundColorDataPresent:
+            by_kind["doppler"] = path
+        else:
+            by_kind["b-mode"] = path
     return by_kind
 
 
@@ -311,7 +316,7 @@ def test_worker_applies_the_connection_settings(start_storescp, study, tmp_path)
             details = [attempt.detail or "" for attempt in session.scalars(select(DeliveryAttempt))]
         assert any("new SOP Instance UID 2.25." in detail for detail in details)
 
-        # The admin's view of each stored delivery says how it was prepared.
+        # The admin's view of each stored delivery shows how it was prepared.
         from pacsbridge.forward.status import list_studies
 
         with sessions.begin() as session:

@@ -6,8 +6,8 @@ from __future__ import annotations
 class PreparationError(Exception):
     """An instance cannot be prepared for a PACS as configured.
 
-    `reason` says what is wrong and `action` what the admin can do. Neither
-    holds patient data: they name elements by keyword and tag, never by value.
+    `reason` states what is wrong and `action` what the admin can do. Neither
+    contains patient data: they name elements by keyword and tag, never by value.
     """
 
     def __init__(self, reason: str, action: str) -> None:

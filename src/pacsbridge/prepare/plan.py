@@ -1,4 +1,4 @@
-"""What a PACS wants: the preparation settings, and the transfer syntaxes to offer for each instance.
+"""Preparation settings of a PACS, and the transfer syntaxes to offer for each instance.
 
 The plan is made from the file's header alone, before the association, so
 that the presentation contexts can offer the configured transfer syntax
@@ -62,7 +62,7 @@ COLOUR_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "
 
 @dataclass(frozen=True)
 class Preparation:
-    """How one PACS wants instances: compression, monochrome, time zone and character set.
+    """The form in which one PACS receives instances: compression, monochrome, time zone and character set.
 
     `timezone` and `character_set` None leave times and text as received;
     stored connections always set both.
@@ -146,10 +146,10 @@ def _with_uncompressed(first: Sequence[UID], own: UID | None = None) -> tuple[UI
 def candidates(header: Dataset, own: UID, has_pixels: bool, preparation: Preparation) -> Candidates:
     """Return the transfer syntaxes to offer for an instance whose header is `header`.
 
-    The rules: as-received keeps the received syntax; lossy data is never
-    compressed again, lossily or losslessly, so it keeps its own syntax where
-    accepted; JPEG Baseline takes 8-bit samples only, so deeper data goes as
-    JPEG Lossless. Uncompressed syntaxes always follow as the fallback.
+    As-received keeps the received syntax. Lossy data is never compressed
+    again, lossily or losslessly, so it keeps its own syntax where accepted.
+    JPEG Baseline takes 8-bit samples only, so deeper data goes as JPEG
+    Lossless. Uncompressed syntaxes always follow as the fallback.
     """
     # Imported here: dicomnet imports this module, and plan must not import dicomnet at load time.
     from pacsbridge.dicomnet.syntaxes import syntaxes_to_propose
