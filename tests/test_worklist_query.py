@@ -171,11 +171,15 @@ def test_identifier_rejects_unencodable_pattern():
         (WorklistQuery(modality="ULTRASOUND_MODALITY"), "'ULTRASOUND_MODALITY'"),
         (WorklistQuery(patient_name="A\\B"), "backslash"),
         (WorklistQuery(patient_id="X" * 65), "more than 64"),
+        (WorklistQuery(patient_name="D" * 65 + "*"), "group 1 has 66 characters, more than 64"),
+        (WorklistQuery(patient_name="Doe^J*=" + "Y" * 70), "group 2 has 70 characters"),
+        (WorklistQuery(patient_name="A=B=C=D"), "4 component groups"),
         (WorklistQuery(scheduled_station_ae_title="STATION_NAME_TOO_LONG"), "more than 16"),
         (WorklistQuery(patient_name="Müller", character_set="LATIN1"), "'LATIN1'"),
     ],
 )
 def test_identifier_invalid_keys_raise(query, fragment):
+    """Each invalid key raises, naming the value or the limit it breaks."""
     with pytest.raises(ValueError) as raised:
         build_identifier(query)
 

@@ -90,7 +90,11 @@ _STEP_KEYS = (
 _CS_PATTERN = re.compile(r"^[A-Z0-9 _*?]{1,16}$")
 _DATE_FORMAT = "%Y%m%d"
 # A Person Name has up to three component groups of 64 characters joined by "=".
-_PN_MAX_LENGTH = 3 * 64 + 2
+# PS3.5 Table 6.2-1: a Person Name has at most three component groups (alphabetic,
+# ideographic, phonetic) separated by "=", each of at most 64 characters.
+_PN_GROUP_MAX_LENGTH = 64
+_PN_MAX_GROUPS = 3
+_PN_MAX_LENGTH = _PN_MAX_GROUPS * _PN_GROUP_MAX_LENGTH + _PN_MAX_GROUPS - 1
 _LO_MAX_LENGTH = 64
 _SH_MAX_LENGTH = 16
 _DATE_FORMS = "YYYYMMDD, YYYYMMDD-YYYYMMDD, YYYYMMDD- or -YYYYMMDD"
@@ -334,7 +338,7 @@ def build_identifier(query: WorklistQuery) -> Dataset:
     modality = _normalize_modality(query.modality)
     date_text = format_date_range(parse_date_range(query.scheduled_date))
     text_keys = {
-        "patient_name": _check_text_key("patient_name", query.patient_name, max_length=_PN_MAX_LENGTH),
+        "patient_name": _check_person_name_key(query.patient_name),
         "patient_id": _check_text_key("patient_id", query.patient_id, max_length=_LO_MAX_LENGTH),
         "scheduled_station_name": _check_text_key(
             "scheduled_station_name", query.scheduled_station_name, max_length=_SH_MAX_LENGTH
@@ -390,6 +394,24 @@ def _check_text_key(name: str, value: str | None, *, max_length: int) -> str:
         raise ValueError(f"{name} pattern contains a control character: remove it.")
     if len(text) > max_length:
         raise ValueError(f"{name} pattern has {len(text)} characters, more than {max_length}: shorten it.")
+    return text
+
+
+def _check_person_name_key(value: str | None) -> str:
+    """Check a patient name pattern: the text rules of every key, then the Person Name group limits."""
+    text = _check_text_key("patient_name", value, max_length=_PN_MAX_LENGTH)
+    groups = text.split("=")
+    if len(groups) > _PN_MAX_GROUPS:
+        raise ValueError(
+            f"patient_name pattern has {len(groups)} component groups separated by '=', more than "
+            f"{_PN_MAX_GROUPS} (alphabetic, ideographic, phonetic): remove the extra '='."
+        )
+    for number, group in enumerate(groups, start=1):
+        if len(group) > _PN_GROUP_MAX_LENGTH:
+            raise ValueError(
+                f"patient_name pattern group {number} has {len(group)} characters, more than "
+                f"{_PN_GROUP_MAX_LENGTH} per component group: shorten it."
+            )
     return text
 
 
