@@ -312,3 +312,39 @@ def test_upload_debug_log_has_no_patient_data(linked: Path, tmp_path: Path) -> N
     assert "Upload to archive" in run_process.stderr  # the log is really on
     for secret in ("Zzyzx", "Quintessa", "PID-8842-SECRET", "19770707"):
         assert secret not in run_process.stderr
+
+
+def test_connections_delete_rules(tmp_path):
+    """A linked connection or one with delivery history stays; an unused one is deleted."""
+    from typer.testing import CliRunner
+
+    from pacsbridge.cli.main import app
+
+    runner = CliRunner()
+    data_dir = str(tmp_path / "data")
+
+    def invoke(*args: str):
+        return runner.invoke(app, [*args, "--data-dir", data_dir])
+
+    add = ["connections", "add", "{}", "--kind", "pacs", "--host", "127.0.0.1", "--port", "104",
+           "--calling-aet", "POCUS", "--called-aet", "PACS", "--test-only", "--timezone", "UTC"]  # fmt: skip
+    assert invoke(*[word.format("Used") for word in add]).exit_code == 0
+    assert invoke(*[word.format("Spare") for word in add]).exit_code == 0
+    assert invoke("archives", "create", "ward", "--test").exit_code == 0
+    assert invoke("archives", "link", "ward", "Used").exit_code == 0
+
+    linked = invoke("connections", "delete", "Used", "--yes")
+    assert linked.exit_code == 1
+    assert "is linked to archive 'ward' slot 1: unlink it first" in linked.stderr
+
+    unused = invoke("connections", "delete", "Spare", "--yes")
+    assert unused.exit_code == 0, unused.output
+    assert "Deleted connection 'Spare'." in unused.stdout
+    assert "Spare" not in invoke("connections", "list").stdout
+
+    missing = invoke("connections", "delete", "Spare", "--yes")
+    assert missing.exit_code == 1
+
+    declined = runner.invoke(app, ["connections", "delete", "Used", "--data-dir", data_dir], input="n\n")
+    assert declined.exit_code == 1
+    assert "nothing was deleted" in declined.stderr

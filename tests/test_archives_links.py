@@ -263,3 +263,29 @@ def test_rejected_link_writes_no_audit_event(sessions: sessionmaker[Session], co
 )
 def test_destination_state_table(counts: dict[DeliveryState, int], expected: str) -> None:
     assert destination_state(Counter(counts)) == expected
+
+
+def test_delete_connection_keeps_delivery_history(sessions: sessionmaker[Session], tmp_path: Path) -> None:
+    from forward_helpers import store_study, write_instances
+
+    from pacsbridge.config import load_config
+    from pacsbridge.ingest.archives import delete_connection
+    from pacsbridge.ingest.blobstore import BlobStore
+
+    blobs = BlobStore(load_config(tmp_path / "data", environ={}).blob_dir)
+    with sessions.begin() as session:
+        add_pacs(session, "Sent to")
+        add_pacs(session, "Never used")
+        create_archive(session, "Ward", is_test=True, actor=ACTOR)
+        link_pacs(session, "Ward", "Sent to", actor=ACTOR)
+        store_study(session, blobs, "Ward", write_instances(tmp_path / "study", 1))
+        unlink(session, "Ward", 1, actor=ACTOR)
+
+    with sessions.begin() as session:
+        with pytest.raises(ArchiveError, match="has 1 delivery on record"):
+            delete_connection(session, "Sent to", actor=ACTOR)
+        delete_connection(session, "Never used", actor=ACTOR)
+    with sessions.begin() as session:
+        with pytest.raises(ConnectionNotFoundError):
+            delete_connection(session, "Never used", actor=ACTOR)
+    assert [details["connection"] for _, details in audit_events(sessions, "connection.delete")] == ["Never used"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import getpass
 from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
 
@@ -18,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.cli.app import app
-from pacsbridge.cli.common import fail
+from pacsbridge.cli.common import command_actor, fail
 from pacsbridge.cli.connections_cmd import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -54,15 +53,6 @@ archives_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(archives_app, name="archives")
-
-
-def command_actor() -> str:
-    """Return the name recorded as actor in audit events: the operating system user running the command."""
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        # No login name in the environment and no passwd entry, as in some containers.
-        return "cli:unknown"
 
 
 @contextlib.contextmanager

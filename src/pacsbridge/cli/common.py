@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from pathlib import Path
@@ -270,3 +271,12 @@ def announce_encryption_only_peer(endpoint: Endpoint) -> None:
 def print_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+
+
+def command_actor() -> str:
+    """Return the name recorded as actor in audit events: the operating system user running the command."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        # No login name in the environment and no passwd entry, as in some containers.
+        return "cli:unknown"

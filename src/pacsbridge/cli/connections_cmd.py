@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.cli.app import app
+from pacsbridge.cli.common import command_actor
 from pacsbridge.cli.echo_cmd import format_report
 from pacsbridge.config import BIND_ADDRESS_ENV, DATA_DIR_ENV, AppConfig, ConfigError, load_config
 from pacsbridge.connections import (
@@ -64,6 +65,7 @@ from pacsbridge.db.models import CertificateAuthorityRecord, ClientCertificateRe
 from pacsbridge.dicomnet.association import probe_endpoint_tls
 from pacsbridge.dicomnet.echo import ECHO_WAIT_CAP_SECONDS, EchoReport, echo
 from pacsbridge.forward.status import MAX_IDS_SHOWN, connection_delivery_ids, held_hint
+from pacsbridge.ingest.archives import ArchiveError, delete_connection
 from pacsbridge.tls.certificates import (
     MAX_UPLOAD_BYTES,
     CertificateError,
@@ -1170,6 +1172,25 @@ def show_command(
             typer.echo(line)
 
 
+@connections_app.command("delete")
+def delete_command(
+    name: Annotated[str, typer.Argument(help="Name of the connection to delete.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Delete without asking for confirmation.")] = False,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Delete a connection that no archive links and no delivery refers to, with its client certificates."""
+    if not yes and not typer.confirm(f"Delete connection {_quote(name)} and its client certificates?"):
+        _fail("nothing was deleted.", EXIT_FAILED)
+    with open_sessions(data_dir) as sessions, sessions.begin() as session:
+        try:
+            record = delete_connection(session, name, actor=command_actor())
+        except ConnectionNotFoundError as exc:
+            _fail(str(exc), EXIT_FAILED)
+        except ArchiveError as exc:
+            _fail(f"{exc}.", EXIT_FAILED)
+        typer.echo(f"Deleted connection {_quote(record.name)}.")
+
+
 BindAddressOption = Annotated[
     str | None,
     typer.Option(
@@ -1312,7 +1333,9 @@ def confirm_fingerprint_command(
     typer.echo(f"Pinned SHA-256 {colon_fingerprint(pin)} for connection {_quote(settings.name)}{previous}, {checked}.")
 
 
-def _fingerprint_seen_now(settings: ConnectionSettings, identity: ClientIdentity | None, bind_address: str | None) -> str:
+def _fingerprint_seen_now(
+    settings: ConnectionSettings, identity: ClientIdentity | None, bind_address: str | None
+) -> str:
     """Make a TLS handshake with the SCP and return its certificate's fingerprint, or exit 1 on failure."""
     # Without the old pin, so that a replaced certificate can be confirmed.
     unpinned = settings.replace(pinned_fingerprint=None)
@@ -1539,6 +1562,4 @@ def _print_reissue_plan(
     names = ", ".join(_quote(name) for name in to_issue) or "(none)"
     typer.echo(f"Connections that would get a new client certificate: {names}.")
     typer.echo("All current client certificates would be retired at once.")
-    typer.echo(
-        f"The new private keys would be encrypted with the current {SECRET_KEY_ENV} (key id {secret_key.id})."
-    )
+    typer.echo(f"The new private keys would be encrypted with the current {SECRET_KEY_ENV} (key id {secret_key.id}).")

@@ -14,7 +14,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,7 @@ from pacsbridge.db.forwarding import (
     AuditEvent,
     Delivery,
     DeliveryState,
+    DestinationHealth,
     Instance,
     InstanceState,
     Study,
@@ -41,7 +42,6 @@ from pacsbridge.db.models import NAME_MAX_LENGTH, utc_now
 from pacsbridge.forward.progress import summarize as summarize_progress
 
 LOGGER = logging.getLogger(__name__)
-
 
 
 def unsecured_reason(connection_name: str) -> str:
@@ -54,6 +54,7 @@ def unsecured_reason(connection_name: str) -> str:
         "connection is unsecured: only test data may be sent without TLS. "
         f'Turn on TLS with "{edit}" (or --tls encryption-only), then "pacsbridge deliveries retry ID".'
     )
+
 
 # Delivery states that `resend_study` puts back into the queue. Held and
 # in-progress deliveries (queued, sending, retrying) are left alone.
@@ -229,7 +230,9 @@ def link_pacs(
             "was linked by someone else): check 'pacsbridge archives show' and try again"
         ) from None
     session.refresh(archive, ["links"])
-    record_audit_event(session, archive.organization_id, "archive.link", actor, _link_details(archive, new_link, connection))
+    record_audit_event(
+        session, archive.organization_id, "archive.link", actor, _link_details(archive, new_link, connection)
+    )
     LOGGER.info("Linked connection id=%d to archive id=%d slot=%d", connection.id, archive.id, slot)
     return new_link
 
@@ -291,6 +294,56 @@ def unlink(
         cancelled,
     )
     return link, cancelled
+
+
+def delete_connection(
+    session: Session,
+    name: str,
+    *,
+    organization: str = DEFAULT_ORGANIZATION,
+    actor: str,
+) -> ConnectionRecord:
+    """Delete the connection `name` with its client certificates, when nothing refers to it.
+
+    Raises ConnectionNotFoundError, or ArchiveError while an archive links the
+    connection or deliveries to it are on record: the delivery history keeps the
+    connection it was sent to.
+    """
+    connection = get_connection(session, name, organization=organization)
+    links = session.execute(
+        select(Archive.name, ArchiveLink.slot)
+        .join(Archive, Archive.id == ArchiveLink.archive_id)
+        .where(ArchiveLink.connection_id == connection.id)
+        .order_by(Archive.name)
+    ).all()
+    if links:
+        described = ", ".join(f"{archive!r} slot {slot}" for archive, slot in links)
+        raise ArchiveError(
+            f"connection {connection.name!r} is linked to archive {described}: unlink it first with "
+            "'pacsbridge archives unlink ARCHIVE --slot N'"
+        )
+    deliveries = session.scalar(
+        select(func.count()).select_from(Delivery).where(Delivery.connection_id == connection.id)
+    )
+    if deliveries:
+        raise ArchiveError(
+            f"connection {connection.name!r} has {deliveries} {'delivery' if deliveries == 1 else 'deliveries'} "
+            "on record, and the delivery history keeps "
+            "the connection each instance was sent to: it cannot be deleted. Unlinking it from every archive "
+            "already stops all forwarding to it"
+        )
+    session.execute(delete(DestinationHealth).where(DestinationHealth.connection_id == connection.id))
+    record_audit_event(
+        session,
+        connection.organization_id,
+        "connection.delete",
+        actor,
+        {"connection": connection.name, "connection_id": connection.id, "kind": connection.kind.value},
+    )
+    session.delete(connection)
+    session.flush()
+    LOGGER.info("Deleted connection id=%d", connection.id)
+    return connection
 
 
 def _cancel_waiting_deliveries(session: Session, archive: Archive, connection: ConnectionRecord, actor: str) -> int:
@@ -599,9 +652,7 @@ def summarize_studies(
 
 
 def _summarize(session: Session, study: Study) -> StudySummary:
-    rows = session.execute(
-        select(Delivery.connection_id, Delivery.state).where(Delivery.study_id == study.id)
-    ).all()
+    rows = session.execute(select(Delivery.connection_id, Delivery.state).where(Delivery.study_id == study.id)).all()
     counts: dict[int, Counter[DeliveryState]] = {}
     for connection_id, state in rows:
         counts.setdefault(connection_id, Counter())[state] += 1
