@@ -339,7 +339,7 @@ def test_undecodable_file_goes_in_its_own_syntax(start_storescp):
     assert "sent in its received transfer syntax" in outcome.notes[0]
 
 
-def test_undecodable_file_fails_with_reason_when_its_syntax_is_refused(start_storescp):
+def test_undecodable_rejected_syntax_fails(start_storescp):
     scp = start_storescp()  # uncompressed only
     instances, _ = collect_instances([SAMPLES / "JPEG2000-embedded-sequence-delimiter.dcm"])
     preparation = Preparation(image_compression=Compression.NONE)

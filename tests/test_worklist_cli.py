@@ -118,7 +118,7 @@ def test_cli_empty_result_message(wlmscpfs_port):
     result = run_worklist(wlmscpfs_port, "--patient-name", "Nobody*")
 
     assert result.exit_code == 0, result.stderr
-    # The message repeats the keys sent, so an admin sees why nothing matched.
+    # The message repeats the keys sent, so an admin can tell why nothing matched.
     assert result.stdout.strip() == "No worklist items match the query (modality US, patient name or ID pattern)."
 
 

@@ -485,7 +485,7 @@ def _print_table(result: WorklistResult, max_items: int) -> None:
         )
 
 
-# Matching keys of the scheduled step that narrow a query, with the words an admin knows them by.
+# Matching keys of the scheduled step that narrow a query, named as admins name them.
 _STEP_KEYS = (
     ("Modality", "modality"),
     ("ScheduledProcedureStepStartDate", "scheduled date"),
@@ -496,7 +496,7 @@ _STEP_KEYS = (
 
 
 def _matching_keys(identifier: Dataset | None) -> str:
-    """List the non-empty scheduled-step keys of the identifier sent, so an empty answer can be understood."""
+    """List the non-empty scheduled-step keys of the identifier sent, so that an empty result can be explained."""
     if identifier is None or not identifier.get("ScheduledProcedureStepSequence"):
         return ""
     step = identifier.ScheduledProcedureStepSequence[0]

@@ -13,7 +13,7 @@ from pynetdicom import _config as _pynetdicom_config
 _pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
 _pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 # C-STORE from a file path streams the file after its meta header, so pixel
-# data goes out byte for byte and a 1 GB loop never sits in memory whole. The
-# file meta must then name the SOP class, instance and transfer syntax; the
-# preparation step writes a corrected copy of any file whose meta does not.
+# data goes out byte for byte and a 1 GB loop never sits in memory whole.
+# pynetdicom then takes the SOP class, instance and transfer syntax from the file
+# meta, so the preparation step writes a corrected copy of a file whose meta differs.
 _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True

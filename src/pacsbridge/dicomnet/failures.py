@@ -24,7 +24,7 @@ class FailureKind(enum.StrEnum):
     DIMSE_TIMEOUT = "dimse-timeout"
     CONNECTION_LOST = "connection-lost"
     ENCODING = "encoding"
-    # The instance could not be prepared as the connection asks (character set, undecodable pixels, ...).
+    # The instance could not be prepared as the connection requires (character set, undecodable pixels, ...).
     PREPARATION = "preparation"
     TLS = "tls"
 

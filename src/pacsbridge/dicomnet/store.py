@@ -231,7 +231,7 @@ def store_instances(
     preparation: Preparation = AS_RECEIVED,
     on_outcome: Callable[[StoreOutcome], None] | None = None,
 ) -> StoreResult:
-    """Send `instances` to `endpoint` by C-STORE, prepared as `preparation` says, and return each outcome.
+    """Send `instances` to `endpoint` by C-STORE, prepared by the rules of `preparation`, and return each outcome.
 
     One association carries them all, unless their presentation contexts do
     not fit in one. Images go before the objects without pixel data, so that

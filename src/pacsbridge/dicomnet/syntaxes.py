@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pydicom import Dataset
-from pydicom.encaps import generate_frames
+from collections.abc import Iterable
+
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -49,18 +49,17 @@ def _markers(codestream: bytes) -> list[tuple[int, bytes]]:
     return markers
 
 
-def codestream_fits(ds: Dataset, target: UID) -> bool:
-    """Tell whether every frame's JPEG codestream is already valid under `target`.
+def codestream_fits(own: UID, target: UID, frames: Iterable[bytes]) -> bool:
+    """Tell whether every frame's JPEG codestream, encoded under `own`, is already valid under `target`.
 
     A JPEG Extended object whose frames use only the baseline process (SOF0),
     or a Process 14 lossless object with selection value 1, can be sent under
-    the default syntax as it is, without decoding.
+    the default syntax as it is, without decoding. `frames` may be a stream of
+    codestreams read from a file one at a time.
     """
-    own = ds.file_meta.TransferSyntaxUID
     if DEFAULT_BESIDE.get(own) != target:
         return False
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+    for frame in frames:
         if frame[:2] != b"\xff\xd8":
             return False
         kinds = {marker for marker, _ in _markers(frame)}

@@ -34,7 +34,6 @@ from pacsbridge.db.models import ConnectionRecord, utc_now
 from pacsbridge.dicomnet.echo import echo
 from pacsbridge.dicomnet.instances import InstanceFile
 from pacsbridge.dicomnet.store import StoreOutcome, store_instances
-from pacsbridge.prepare.plan import Preparation
 from pacsbridge.forward import health
 from pacsbridge.forward.policy import (
     CONNECTION_FAILURE_KINDS,
@@ -46,6 +45,7 @@ from pacsbridge.forward.queue import Claim, ClaimedDelivery, LeaseLostError
 from pacsbridge.forward.sql_queue import SqlDeliveryQueue, write_transaction
 from pacsbridge.ingest.archives import blocking_reason
 from pacsbridge.ingest.blobstore import BlobNotFoundError, BlobStore
+from pacsbridge.prepare.plan import Preparation
 from pacsbridge.tls.client_ca import ClientCertificateError, ClientIdentity
 from pacsbridge.tls.endpoints import prepare_client_identity, stored_endpoint
 from pacsbridge.tls.secret_key import SecretKey, SecretKeyError

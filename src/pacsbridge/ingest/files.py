@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from pacsbridge.dicomnet.instances import InstanceFile
+from pacsbridge.ingest.pixel_layout import read_pixel_data_facts
 
 LOGGER = logging.getLogger(__name__)
-UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -64,57 +62,6 @@ def _native_pixel_length(ds) -> int | None:
     return (pixels * samples * bits + 7) // 8
 
 
-@dataclass(frozen=True)
-class _PixelDataLayout:
-    """The location and size of the Pixel Data value, read from its element header without loading it."""
-
-    encapsulated: bool
-    # Bytes of a native value present in the file (at most its declared length).
-    available: int
-    # True when an encapsulated value ends before its Sequence Delimitation Item.
-    truncated: bool
-
-
-def _pixel_data_layout(stream: BinaryIO, ds: Dataset) -> _PixelDataLayout | None:
-    """Read the Pixel Data element header at the stream position that `dcmread(stop_before_pixels=True)` left.
-
-    Returns None when the data set has no Pixel Data. Encapsulated values are
-    walked item header by item header, seeking over each fragment.
-    """
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is None:
-        return None
-    order = "<" if syntax.is_little_endian else ">"
-    start = stream.tell()
-    header = stream.read(12)
-    if len(header) < 8 or struct.unpack(f"{order}HH", header[:4]) != (0x7FE0, 0x0010):
-        return None
-    if syntax.is_implicit_VR:
-        (length,) = struct.unpack(f"{order}I", header[4:8])
-        value_offset = start + 8
-    elif header[4:6] in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV"):
-        (length,) = struct.unpack(f"{order}I", header[8:12])
-        value_offset = start + 12
-    else:
-        (length,) = struct.unpack(f"{order}H", header[6:8])
-        value_offset = start + 8
-    size = os.fstat(stream.fileno()).st_size
-    if length != UNDEFINED_LENGTH:
-        return _PixelDataLayout(encapsulated=False, available=max(0, min(length, size - value_offset)), truncated=False)
-
-    stream.seek(value_offset)
-    while True:
-        item = stream.read(8)
-        if len(item) < 8:
-            return _PixelDataLayout(encapsulated=True, available=0, truncated=True)
-        group, element, item_length = struct.unpack(f"{order}HHI", item)
-        if (group, element) == (0xFFFE, 0xE0DD):
-            return _PixelDataLayout(encapsulated=True, available=0, truncated=False)
-        if (group, element) != (0xFFFE, 0xE000) or stream.tell() + item_length > size:
-            return _PixelDataLayout(encapsulated=True, available=0, truncated=True)
-        stream.seek(item_length, os.SEEK_CUR)
-
-
 def _value_text(value: object) -> str:
     """Show an element value in a message: "32768 and 0" for several values, "empty" for none."""
     if isinstance(value, MultiValue | list | tuple):
@@ -151,19 +98,24 @@ def inspect_file(path: Path) -> InstanceFile:
         with warnings.catch_warnings(record=True) as caught, path.open("rb") as stream:
             warnings.simplefilter("always")
             ds = dcmread(stream, stop_before_pixels=True)
-            pixels = _pixel_data_layout(stream, ds)
+            pixels = read_pixel_data_facts(stream, ds, os.fstat(stream.fileno()).st_size)
     except InvalidDicomError:
         raise UnreadableFileError(
             "not a DICOM Part-10 file (no 'DICM' prefix and File Meta Information); "
             "export it from the modality or PACS as a DICOM file"
         ) from None
     except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        # MalformedPixelDataError is a ValueError: items that break the encapsulation rules land here too.
         raise UnreadableFileError(
             f"not readable as DICOM ({exc}); the file is damaged or not DICOM: export it again from its source"
         ) from None
 
     truncation = [str(w.message) for w in caught if "End of file" in str(w.message)]
-    if truncation or len(ds) == 0 or (pixels is not None and pixels.encapsulated and pixels.truncated):
+    if (
+        truncation
+        or len(ds) == 0
+        or (pixels is not None and pixels.encapsulated and (pixels.truncated or pixels.delimiter_missing))
+    ):
         raise UnreadableFileError(
             "the file is truncated: it ends before its last data element; export it again from its source"
         )
@@ -182,7 +134,7 @@ def inspect_file(path: Path) -> InstanceFile:
 
     if pixels is not None and not pixels.encapsulated:
         expected = _native_pixel_length(ds)
-        actual = pixels.available
+        actual = pixels.available_length
         if expected is None:
             values = "; ".join(
                 f"{keyword} {_value_text(ds.get(keyword))}"

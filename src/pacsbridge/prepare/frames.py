@@ -237,7 +237,7 @@ def iter_decoded_frames(source: PixelSource, image: Dataset, *, raw: bool) -> It
     YBR_FULL_422 is only upsampled). PALETTE COLOR is always yielded as indices.
 
     Raises PreparationError naming the transfer syntax if a frame cannot be decoded or
-    the pixel data holds fewer frames than Number of Frames.
+    the pixel data contains fewer frames than Number of Frames.
     """
     options = _pixel_options(image)
     expected = options["number_of_frames"]
@@ -281,13 +281,13 @@ def iter_decoded_frames(source: PixelSource, image: Dataset, *, raw: bool) -> It
 
     if decoded < expected:
         raise PreparationError(
-            f"the pixel data holds {decoded} frames but Number of Frames (0028,0008) is {expected}",
+            f"the pixel data contains {decoded} frames but Number of Frames (0028,0008) is {expected}",
             "repair Number of Frames before preparing the pixel data",
         )
 
 
 def _check_native_length(source: PixelSource, image: Dataset, expected: int) -> None:
-    """Raise PreparationError unless the native pixel data (as declared and as present in the file) holds `expected` frames."""
+    """Raise PreparationError unless the native pixel data (as declared and as present in the file) contains `expected` frames."""
     frame_length = native_frame_length(image)
     needed = frame_length * expected
     assert source.value_length is not None
@@ -339,7 +339,7 @@ def iter_encapsulated_frames(path: Path) -> Iterator[bytes]:
     """Yield the codestream of each frame of a file with encapsulated (compressed) pixel data.
 
     Fragments of one frame are joined. Raises PreparationError if the pixel data is
-    native or holds fewer frames than Number of Frames.
+    native or contains fewer frames than Number of Frames.
     """
     source = open_pixel_source(path)
     if not source.is_encapsulated:
@@ -371,6 +371,6 @@ def _iter_codestreams(file: BinaryIO, source: PixelSource, count: int) -> Iterat
             "send the instance as received or repair its pixel data",
         ) from error
     raise PreparationError(
-        f"the encapsulated pixel data holds {yielded} frames but Number of Frames (0028,0008) is {count}",
+        f"the encapsulated pixel data contains {yielded} frames but Number of Frames (0028,0008) is {count}",
         "repair Number of Frames before preparing the pixel data",
     )

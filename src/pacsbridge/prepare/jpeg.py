@@ -182,11 +182,10 @@ def encode_lossless(frame: np.ndarray, bits_stored: int) -> bytes:
         mask = (1 << bits_stored) - 1
         if int(samples.max(initial=0)) > mask:
             samples = samples & np.asarray(mask, dtype=samples.dtype)
-    # Equal input and output colour spaces mean no conversion. Three samples are always
-    # marked RGB (Adobe marker, transform 0), also when they are YBR_FULL, because
-    # decoders convert codestreams marked YCbCr to RGB, and libjpeg-turbo 3.1 and
-    # GDCM 3.2 fail to do that for lossless JPEG. Photometric Interpretation says what
-    # the samples are, and pydicom 3.0 only warns about the mismatch.
+    # Equal input and output colour spaces mean no conversion. Three samples are marked
+    # RGB (Adobe marker, transform 0): write_prepared converts YBR data to RGB before it
+    # gets here, and decoders would convert codestreams marked YCbCr, which
+    # libjpeg-turbo 3.1 and GDCM 3.2 fail to do for lossless JPEG.
     colorspace = "GRAYSCALE" if samples.ndim == 2 else "RGB"
     codestream = imagecodecs.jpeg8_encode(
         np.ascontiguousarray(samples),

@@ -233,10 +233,15 @@ def _wants_monochrome(plan: InstancePlan, preparation: Preparation, transcoding:
 
 def _relabels(plan: InstancePlan, chosen: UID) -> bool:
     from pacsbridge.dicomnet.syntaxes import DEFAULT_BESIDE, codestream_fits
+    from pacsbridge.prepare.frames import iter_encapsulated_frames
 
     if DEFAULT_BESIDE.get(plan.own_syntax) != chosen:
         return False
-    return codestream_fits(dcmread(plan.instance.path), chosen)
+    try:
+        return codestream_fits(plan.own_syntax, chosen, iter_encapsulated_frames(plan.instance.path))
+    except PreparationError:
+        # Frames that cannot be split out are not relabelled; the caller decodes or sends them as received.
+        return False
 
 
 def prepare_instance(

@@ -27,6 +27,7 @@ from pacsbridge.connections.settings import (
     ConnectionSettings,
     MonochromeMode,
 )
+from pacsbridge.prepare.frames import frame_count
 
 UNCOMPRESSED_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 NATIVE_SYNTAXES = frozenset(
@@ -107,13 +108,6 @@ class Preparation:
 AS_RECEIVED = Preparation()
 
 
-def frame_count(header: Dataset) -> int:
-    try:
-        return max(1, int(header.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
-
-
 def is_lossy(header: Dataset, syntax: UID) -> bool:
     """Tell whether the pixel data has already been through lossy compression."""
     return str(header.get("LossyImageCompression", "")).strip() == "01" or syntax in LOSSY_SYNTAXES
@@ -154,8 +148,11 @@ def candidates(header: Dataset, own: UID, has_pixels: bool, preparation: Prepara
     # Imported here: dicomnet imports this module, and plan must not import dicomnet at load time.
     from pacsbridge.dicomnet.syntaxes import syntaxes_to_propose
 
+    if not has_pixels:
+        return Candidates(tuple(syntaxes_to_propose(own)))
+    # The repairs have checked Number of Frames of every instance with pixel data.
     compression = preparation.compression_for(frame_count(header))
-    if not has_pixels or compression == Compression.AS_RECEIVED:
+    if compression == Compression.AS_RECEIVED:
         return Candidates(tuple(syntaxes_to_propose(own)))
     if compression == Compression.NONE:
         return Candidates(_with_uncompressed([ExplicitVRLittleEndian], own), ExplicitVRLittleEndian)

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from pydicom import Dataset, dcmread
@@ -32,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import UID, RLELossless
 
+from pacsbridge.ingest.pixel_layout import MalformedPixelDataError, PixelDataFacts, read_pixel_data_facts
 from pacsbridge.prepare.errors import PreparationError
 
 MAX_UID_LENGTH = 64
@@ -69,25 +68,6 @@ _CLASS_UID_KEYWORDS = {
     "ReferencedTransferSyntaxUIDInFile",
 }
 
-_PIXEL_DATA = 0x7FE00010
-_ITEM = 0xFFFEE000
-_SEQUENCE_DELIMITER = 0xFFFEE0DD
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_LONG_LENGTH_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
 
 # Bytes that start a frame's codestream: JPEG and JPEG-LS SOI, JPEG 2000 SOC, JP2 box.
 _CODESTREAM_STARTS = (b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP")
@@ -98,27 +78,6 @@ _CODESTREAM_END = b"\xff\xd9"
 # Configuration is overruled. On the first frames of the 12 colour and grey ultrasound
 # samples, the wrong reading was 1.77 to 51 times rougher than the right one.
 _PLANAR_MARGIN = 1.5
-
-_HEAD_BYTES = 8
-_TAIL_BYTES = 4
-
-
-@dataclass(frozen=True)
-class PixelDataFacts:
-    """Layout of the Pixel Data element of a file, read without loading the pixels."""
-
-    transfer_syntax: str
-    encapsulated: bool
-    value_offset: int  # file offset of the first value byte
-    declared_length: int | None  # None for undefined length (encapsulated)
-    available_length: int  # native: value bytes present in the file
-    basic_offsets: tuple[int, ...] = ()
-    fragment_offsets: tuple[int, ...] = ()  # file offset of each complete fragment value
-    fragment_lengths: tuple[int, ...] = ()
-    fragment_heads: tuple[bytes, ...] = ()  # first bytes of each complete fragment
-    fragment_tails: tuple[bytes, ...] = ()  # last bytes of each complete fragment
-    truncated: bool = False  # the file ends inside a value or an item header
-    delimiter_missing: bool = False  # the file ends after a complete item, no delimiter
 
 
 @dataclass(frozen=True)
@@ -169,132 +128,18 @@ def read_header_and_facts(path: Path) -> tuple[Dataset, PixelDataFacts | None]:
                 f"the file cannot be read as DICOM: {error}",
                 "Export the instance again as a DICOM Part 10 file.",
             ) from error
-        facts = _read_facts(stream, header, os.fstat(stream.fileno()).st_size)
+        try:
+            facts = read_pixel_data_facts(stream, header, os.fstat(stream.fileno()).st_size)
+        except MalformedPixelDataError as error:
+            raise PreparationError(
+                str(error), "Export the instance again from the modality or archive that created it."
+            ) from error
     return header, facts
 
 
 def pixel_data_facts(path: Path) -> PixelDataFacts | None:
     """Return the layout of the Pixel Data of a file, or None when it has none."""
     return read_header_and_facts(path)[1]
-
-
-def _read_facts(stream: BinaryIO, header: Dataset, file_size: int) -> PixelDataFacts | None:
-    """Parse the Pixel Data element at the stream position left by dcmread."""
-    implicit_vr, little_endian = header.original_encoding
-    byte_order = "<" if little_endian else ">"
-    transfer_syntax = str(header.file_meta.get("TransferSyntaxUID", ""))
-
-    element_header = stream.read(8)
-    if len(element_header) < 8:
-        return None
-    group, element = struct.unpack(byte_order + "HH", element_header[:4])
-    if (group << 16) | element != _PIXEL_DATA:
-        return None
-
-    if implicit_vr:
-        (length,) = struct.unpack(byte_order + "I", element_header[4:8])
-    elif element_header[4:6] in _LONG_LENGTH_VRS:
-        length_bytes = stream.read(4)
-        if len(length_bytes) < 4:
-            return _truncated_facts(transfer_syntax, stream.tell())
-        (length,) = struct.unpack(byte_order + "I", length_bytes)
-    else:
-        (length,) = struct.unpack(byte_order + "H", element_header[6:8])
-
-    value_offset = stream.tell()
-    if length != _UNDEFINED_LENGTH:
-        available = min(length, file_size - value_offset)
-        return PixelDataFacts(
-            transfer_syntax=transfer_syntax,
-            encapsulated=False,
-            value_offset=value_offset,
-            declared_length=length,
-            available_length=available,
-            truncated=available < length,
-        )
-    return _read_encapsulated(stream, transfer_syntax, value_offset, file_size)
-
-
-def _truncated_facts(transfer_syntax: str, offset: int) -> PixelDataFacts:
-    return PixelDataFacts(
-        transfer_syntax=transfer_syntax,
-        encapsulated=False,
-        value_offset=offset,
-        declared_length=None,
-        available_length=0,
-        truncated=True,
-    )
-
-
-def _read_encapsulated(stream: BinaryIO, transfer_syntax: str, value_offset: int, file_size: int) -> PixelDataFacts:
-    """Walk the items of encapsulated Pixel Data by their lengths, never by scanning.
-
-    Walking by length keeps delimiter bytes inside a fragment from ending the walk.
-    """
-    offsets: list[int] = []
-    lengths: list[int] = []
-    heads: list[bytes] = []
-    tails: list[bytes] = []
-    basic_offsets: tuple[int, ...] = ()
-    truncated = False
-    delimiter_missing = False
-    first_item = True
-
-    while True:
-        item_header = stream.read(8)
-        if len(item_header) == 0:
-            delimiter_missing = True
-            break
-        if len(item_header) < 8:
-            truncated = True
-            break
-        # Items of encapsulated Pixel Data are always little endian.
-        group, element, length = struct.unpack("<HHI", item_header)
-        tag = (group << 16) | element
-        if tag == _SEQUENCE_DELIMITER:
-            break
-        if tag != _ITEM or length == _UNDEFINED_LENGTH:
-            raise PreparationError(
-                f"encapsulated Pixel Data (7FE0,0010) contains tag {Tag(tag)} where an "
-                "Item (FFFE,E000) of defined length is expected",
-                "Export the instance again from the modality or archive that created it.",
-            )
-        start = stream.tell()
-        if start + length > file_size:
-            truncated = True
-            break
-
-        if first_item:
-            first_item = False
-            table = stream.read(length)
-            basic_offsets = tuple(struct.unpack(f"<{length // 4}I", table[: length // 4 * 4]))
-            continue
-
-        offsets.append(start)
-        lengths.append(length)
-        head = stream.read(min(length, _HEAD_BYTES))
-        heads.append(head)
-        if length > _HEAD_BYTES:
-            stream.seek(start + length - _TAIL_BYTES)
-            tails.append(stream.read(_TAIL_BYTES))
-        else:
-            tails.append(head[-_TAIL_BYTES:])
-        stream.seek(start + length)
-
-    return PixelDataFacts(
-        transfer_syntax=transfer_syntax,
-        encapsulated=True,
-        value_offset=value_offset,
-        declared_length=None,
-        available_length=sum(lengths),
-        basic_offsets=basic_offsets,
-        fragment_offsets=tuple(offsets),
-        fragment_lengths=tuple(lengths),
-        fragment_heads=tuple(heads),
-        fragment_tails=tuple(tails),
-        truncated=truncated,
-        delimiter_missing=delimiter_missing,
-    )
 
 
 def read_native_frame(path: Path, facts: PixelDataFacts, geometry: ImageGeometry, index: int = 0) -> bytes:
@@ -473,7 +318,10 @@ def detect_planar_configuration(frame: bytes, geometry: ImageGeometry, little_en
     """
     if geometry.bits_allocated not in (8, 16):
         return None
-    dtype = np.dtype(np.uint8) if geometry.bits_allocated == 8 else np.dtype("<u2" if little_endian else ">u2")
+    if geometry.bits_allocated == 8:
+        dtype = np.dtype(np.uint8)
+    else:
+        dtype = np.dtype("<u2" if little_endian else ">u2")
     samples = np.frombuffer(frame, dtype=dtype)
     expected = geometry.rows * geometry.columns * 3
     if samples.size < expected:
